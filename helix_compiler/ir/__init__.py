@@ -1,0 +1,1 @@
+"""Intermediate representations: segment chains, node meta keys, schedule instructions."""

@@ -1,0 +1,1 @@
+"""Kernels: the ``helix::attention`` op and its backends, fused MLP activations."""
