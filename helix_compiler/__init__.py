@@ -1,0 +1,11 @@
+"""helix_compiler: HelixPipe attention-parallel pipeline parallelism as a compiler over torch.fx."""
+
+from __future__ import annotations
+
+from .kernels import attention as _attention  # noqa: F401  (registers torch.ops.helix.attention)
+from .config import HelixConfig
+from .errors import CaptureError, HelixError, RuntimeFailure, ScheduleError, UnsupportedModelError
+from .program import HelixProgram, compile_program
+
+__all__ = ["CaptureError", "HelixConfig", "HelixError", "HelixProgram", "RuntimeFailure", "ScheduleError",
+           "UnsupportedModelError", "compile_program"]

@@ -1,0 +1,50 @@
+"""User-facing configuration, validated on construction with actionable errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import HelixError
+from .ir.segment import POLICIES
+
+SCHEDULES = ("helix", "gpipe", "1f1b", "interleaved", "zb1p")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise HelixError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class HelixConfig:
+    pp_size: int
+    seq_len: int
+    num_microbatches: int | None = None  # default: pp_size * num_folds
+    num_folds: int = 2
+    micro_batch_size: int = 1
+    recompute: str = "without_attention"
+    mlp_chunks: int | None = None
+    schedule: str = "helix"
+    virtual_stages: int | None = None  # interleaved 1F1B only
+
+    def __post_init__(self) -> None:
+        _positive_int("pp_size", self.pp_size)
+        _positive_int("seq_len", self.seq_len)
+        _positive_int("num_folds", self.num_folds)
+        _positive_int("micro_batch_size", self.micro_batch_size)
+        if self.seq_len < 2:
+            raise HelixError(f"seq_len={self.seq_len} must be at least 2")
+        if self.num_microbatches is None:
+            object.__setattr__(self, "num_microbatches", self.pp_size * self.num_folds)
+        _positive_int("num_microbatches", self.num_microbatches)
+        if self.recompute not in POLICIES:
+            raise HelixError(f"recompute={self.recompute!r} is not a policy; use one of {list(POLICIES)}")
+        if self.schedule not in SCHEDULES:
+            raise HelixError(f"schedule={self.schedule!r} is not known; use one of {list(SCHEDULES)}")
+        if self.mlp_chunks is not None:
+            _positive_int("mlp_chunks", self.mlp_chunks)
+        if self.schedule == "helix" and self.num_microbatches % (self.pp_size * self.num_folds):
+            pf = self.pp_size * self.num_folds
+            raise HelixError(
+                f"num_microbatches={self.num_microbatches} must be a multiple of pp_size*num_folds={pf} "
+                f"for the helix schedule; use {pf} or {2 * pf}")

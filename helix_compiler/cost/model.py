@@ -1,0 +1,189 @@
+"""Symbolic cost model: FLOPs and bytes of every segment as sympy expressions in (b, s).
+
+Matmul FLOPs follow ``torch.utils.flop_counter.FlopCounterMode`` exactly (2*M*N*K per
+matmul, bias adds not counted; backward counts only the gradients autograd computes: the
+input gradient when the input requires grad, the weight gradient when the weight does).
+Attention is counted dense as FlopCounterMode counts SDPA (forward 4*b*h*s_q*s_k*d, backward
+twice that); ``SegmentCost.attention_causal_factor`` (1/2) is what a causal kernel really does.
+Saved-activation bytes follow autograd's saved tensors op by op (policy "none") or the
+recompute boundaries (other policies).
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..ir.program import Segment
+from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
+from ..ir.segment import POLICIES, SegmentCost
+
+aten = torch.ops.aten
+HELIX_ATTENTION = torch.ops.helix.attention.default
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+         aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+         aten.slice.Tensor, aten.select.int, aten.alias.default, aten.contiguous.default,
+         aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default}
+POINTWISE_SAVE_INPUT = {aten.gelu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+                        aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.sin.default, aten.cos.default,
+                        aten.exp.default, aten.relu.default, aten.mean.dim, aten.sqrt.default}
+
+
+class _Sizes:
+    def __init__(self, to_expr):
+        self.to_expr = to_expr
+
+    def shape(self, n) -> list[sympy.Expr]:
+        return [self.to_expr(d) for d in n.meta["val"].shape]
+
+    def numel(self, n) -> sympy.Expr:
+        out = sympy.Integer(1)
+        for d in self.shape(n):
+            out *= d
+        return out
+
+    def nbytes(self, n) -> sympy.Expr:
+        val = n.meta.get("val")
+        if isinstance(val, (list, tuple)):
+            return sympy.Integer(0)
+        if not isinstance(val, torch.Tensor):
+            return sympy.Integer(0)
+        return self.numel(n) * val.element_size()
+
+
+def _prod(xs) -> sympy.Expr:
+    out = sympy.Integer(1)
+    for x in xs:
+        out *= x
+    return out
+
+
+def _base(n: fx.Node) -> fx.Node:
+    while n.op == "call_function" and n.target in VIEWS or (n.op == "call_function" and n.target.__name__ == "getitem"
+                                                             and n.args[0].target in VIEWS):
+        n = n.args[0]
+    return n
+
+
+def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: dict[str, int]) -> SegmentCost:
+    sz = _Sizes(to_expr)
+    gm = seg.gm
+    shipped = set(seg.shipped_params)
+    param_names = {name for name, _ in gm.named_parameters()}
+    chain_phs = [n for n in gm.graph.nodes if n.op == "placeholder"][: len(seg.chain_inputs)]
+    requires_grad: dict[fx.Node, bool] = {}
+    is_param: dict[fx.Node, bool] = {}
+    for i, n in enumerate(gm.graph.nodes):
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+            requires_grad[n] = floating and n in chain_phs
+            is_param[n] = n in chain_phs and n.name in {p.replace(".", "_") for p in shipped}
+        elif n.op == "get_attr":
+            requires_grad[n] = is_param[n] = n.target in param_names
+        else:
+            ins = n.all_input_nodes
+            requires_grad[n] = any(requires_grad.get(a, False) for a in ins)
+            is_param[n] = n.op == "call_function" and n.target in VIEWS and bool(ins) and is_param.get(ins[0], False)
+
+    fwd = bwd_in = bwd_w = attn_f = attn_b = sympy.Integer(0)
+    saved: dict[fx.Node, sympy.Expr] = {}  # base node -> bytes kept for backward (policy none)
+
+    def save(n):
+        if isinstance(n, fx.Node) and not is_param.get(n, False) and n.op != "get_attr":
+            b = _base(n)
+            saved.setdefault(b, sz.nbytes(b))
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = n.target
+        if t in (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default):
+            if t == aten.addmm.default:
+                a, b = n.args[1], n.args[2]
+            else:
+                a, b = n.args[0], n.args[1]
+            sa, sb = sz.shape(a), sz.shape(b)
+            if t == aten.linear.default:
+                k, nn_ = sb[-1], sb[0]
+                m = _prod(sa[:-1])
+                flops = 2 * m * nn_ * k
+            else:
+                k, nn_ = sa[-1], sb[-1]
+                batch = _prod(sz.shape(n)[:-2]) if len(sz.shape(n)) > 2 else sympy.Integer(1)
+                m = sa[-2] if len(sa) >= 2 else sympy.Integer(1)
+                flops = 2 * batch * m * nn_ * k
+            fwd += flops
+            for operand, other in ((a, b), (b, a)):
+                if requires_grad.get(operand, False):
+                    if is_param.get(operand, False):
+                        bwd_w += flops
+                    else:
+                        bwd_in += flops
+                    save(other)
+        elif t == HELIX_ATTENTION:
+            q, k, v = n.args
+            bq, hq, sq, d = sz.shape(q)
+            sk = sz.shape(k)[2]
+            f = 4 * bq * hq * sq * sk * d
+            fwd += f
+            attn_f += f
+            bwd_in += 2 * f
+            attn_b += 2 * f
+            for x in (q, k, v):
+                save(x)
+            lse_item = 4 if q.meta["val"].dtype in (torch.float16, torch.bfloat16) else q.meta["val"].element_size()
+            saved.setdefault(n, sz.nbytes(q) + bq * hq * sq * lse_item)  # out + lse
+        elif not requires_grad.get(n, False):
+            continue
+        elif t == aten.layer_norm.default:
+            save(n.args[0])
+            saved.setdefault(n, _prod(sz.shape(n)[:-1]) * 2 * 4)  # mean, rstd
+        elif t in POINTWISE_SAVE_INPUT:
+            save(n.args[0])
+        elif t in (aten.mul.Tensor, aten.div.Tensor):
+            a = n.args[0]
+            b = n.args[1] if len(n.args) > 1 else None
+            if isinstance(b, fx.Node):
+                if requires_grad.get(b, False):
+                    save(a)
+                if requires_grad.get(a, False) or t == aten.div.Tensor:
+                    save(b)
+        elif t in (aten.softmax.int, aten._softmax.default):
+            save(n)
+        elif t in (aten.cross_entropy_loss.default,):
+            saved.setdefault(n, sz.nbytes(n.args[0]))  # log-softmax of the logits
+    act_in = sympy.Integer(0)
+    for ph in chain_phs:
+        if not is_param.get(ph, False):
+            act_in += sz.nbytes(ph)
+    shipped_in = sum((sz.nbytes(ph) for ph in chain_phs if is_param.get(ph, False)), sympy.Integer(0))
+    none_bytes = sum(saved.values(), sympy.Integer(0))
+    attn_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == HELIX_ATTENTION]
+    out_lse = sum((saved.get(n, 0) for n in attn_nodes), sympy.Integer(0))
+    kind = seg.spec.kind
+    boundary = act_in + shipped_in
+    saved_bytes = {
+        "none": none_bytes,
+        "full": boundary,
+        "without_attention": boundary + out_lse if kind == "attn" else boundary,
+        "selective": none_bytes - out_lse,
+    }
+    recompute = {
+        "none": sympy.Integer(0),
+        "full": fwd,
+        "without_attention": fwd - attn_f,
+        "selective": attn_f,
+    }
+    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    out_bytes = sum((sz.nbytes(o) for o in outs), sympy.Integer(0)) if seg.spec.kind != "head" else sympy.Integer(0)
+    ship_out = sum((sz.nbytes(o) for o in outs if o.op == "get_attr"), sympy.Integer(0))
+    assert set(saved_bytes) == set(POLICIES)
+    return SegmentCost(
+        flops_fwd=sympy.expand(fwd), flops_bwd=sympy.expand(bwd_in + bwd_w), flops_bwd_input=sympy.expand(bwd_in),
+        flops_bwd_weight=sympy.expand(bwd_w), attention_flops_fwd=sympy.expand(attn_f),
+        attention_flops_bwd=sympy.expand(attn_b), recompute_flops={k: sympy.expand(v) for k, v in recompute.items()},
+        saved_bytes={k: sympy.expand(v) for k, v in saved_bytes.items()},
+        param_bytes=sympy.Integer(sum(param_bytes[p] for p in seg.params if p in owned_params)),
+        out_bytes=sympy.expand(out_bytes), shipped_param_bytes=sympy.expand(ship_out))
