@@ -101,11 +101,12 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
             if seg.spec.kind in ("param", "final"):
                 chunk_mlp(seg.gm, num_chunks=mlp_chunks, recompute=recompute != "none")
     mark_recompute(segments, policy=recompute)
-    param_bytes = {name: p.numel() * p.element_size() for name, p in gm.named_parameters()}
-    owned: set[str] = set()
+    all_params = dict(gm.named_parameters(remove_duplicate=False))
+    param_bytes = {name: p.numel() * p.element_size() for name, p in all_params.items()}
+    owned: set[int] = set()  # parameter objects already counted (a tied weight has two names)
     for seg in segments:
-        mine = {p for p in seg.params if p not in owned}
-        owned |= mine
+        mine = {n for n in seg.params if id(all_params[n]) not in owned}
+        owned |= {id(all_params[n]) for n in seg.params}
         seg.cost = segment_cost(seg, to_expr=captured.to_cost_expr, owned_params=mine, param_bytes=param_bytes)
     program = HelixProgram(config=config, captured=captured, layers=layers, cuts=cuts, segments=segments)
     program.schedule = _build_schedule(program)

@@ -25,9 +25,11 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, ate
          aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
          aten.slice.Tensor, aten.select.int, aten.alias.default, aten.contiguous.default,
          aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default}
-POINTWISE_SAVE_INPUT = {aten.gelu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
-                        aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.sin.default, aten.cos.default,
-                        aten.exp.default, aten.relu.default, aten.mean.dim, aten.sqrt.default}
+POINTWISE_SAVE_INPUT = {aten.gelu.default, aten.silu.default, aten.pow.Tensor_Scalar, aten.sin.default,
+                        aten.cos.default}
+# autograd saves these ops' results, not their inputs (mean.dim saves nothing: only sizes)
+POINTWISE_SAVE_OUTPUT = {aten.tanh.default, aten.sigmoid.default, aten.rsqrt.default, aten.exp.default,
+                         aten.relu.default, aten.sqrt.default}
 
 
 class _Sizes:
@@ -70,7 +72,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
     sz = _Sizes(to_expr)
     gm = seg.gm
     shipped = set(seg.shipped_params)
-    param_names = {name for name, _ in gm.named_parameters()}
+    param_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     chain_phs = [n for n in gm.graph.nodes if n.op == "placeholder"][: len(seg.chain_inputs)]
     requires_grad: dict[fx.Node, bool] = {}
     is_param: dict[fx.Node, bool] = {}
@@ -139,9 +141,12 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
             continue
         elif t == aten.layer_norm.default:
             save(n.args[0])
-            saved.setdefault(n, _prod(sz.shape(n)[:-1]) * 2 * 4)  # mean, rstd
+            stat = 8 if n.meta["val"].dtype == torch.float64 else 4  # mean, rstd (accumulation dtype)
+            saved.setdefault(("layer_norm_stats", n), _prod(sz.shape(n)[:-1]) * 2 * stat)  # not keyed by n: its output may be saved too
         elif t in POINTWISE_SAVE_INPUT:
             save(n.args[0])
+        elif t in POINTWISE_SAVE_OUTPUT:
+            save(n)
         elif t in (aten.mul.Tensor, aten.div.Tensor):
             a = n.args[0]
             b = n.args[1] if len(n.args) > 1 else None

@@ -21,7 +21,8 @@ METADATA_ONLY = {
 
 
 def parameter_names(gm: fx.GraphModule) -> set[str]:
-    return {name for name, _ in gm.named_parameters()}
+    # remove_duplicate=False: a tied weight is reachable under every name it has (HF's lm_head)
+    return {name for name, _ in gm.named_parameters(remove_duplicate=False)}
 
 
 def find_data_independent(gm: fx.GraphModule) -> set[fx.Node]:

@@ -1,0 +1,193 @@
+"""The per-rank interpreter: a dispatch table over instruction kinds.
+
+It never builds instructions: it runs a rank's program as the schedule gives it. Values are
+keyed by (segment, micro batch): ``fwd`` holds a segment's outputs (computed here or
+received), ``bwd`` the gradients of a segment's outputs (computed here by the next segment's
+backward, or received), ``stash`` what a forward keeps for its backward. Every segment runs
+on detached leaf inputs, so a backward is one ``torch.autograd.backward`` over the segment's
+outputs and yields the gradients of its inputs for the previous segment: a local hand-over
+and a network hop look the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from ..errors import RuntimeFailure
+from ..ir.program import Segment
+from ..ir.schedule import Instr, RankProgram
+from ..ir.segment import B, S
+from . import attention_replay
+
+
+@dataclass
+class _Stash:
+    inputs: list[torch.Tensor]
+    outputs: tuple | None = None
+    attention: list | None = None  # recorded (out, lse) for replay
+
+
+@dataclass
+class TraceEvent:
+    op: str
+    seg: str
+    mb: int
+    start: float
+    end: float
+
+
+@dataclass
+class RankState:
+    fwd: dict = field(default_factory=dict)
+    bwd: dict = field(default_factory=dict)
+    stash: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)  # mb -> loss value (head rank)
+
+
+class Executor:
+    def __init__(self, rank: int, program: RankProgram, segments: list[Segment], *, transport,
+                 micro_batch_size: int, seq_len: int, num_microbatches: int, loss_in_forward: bool = True,
+                 record_trace: bool = False):
+        self.rank = rank
+        self.program = program
+        self.segments = {s.name: s for s in segments}
+        self.order = [s.name for s in segments]
+        self.transport = transport
+        self.num_microbatches = num_microbatches
+        self.loss_in_forward = loss_in_forward
+        env = {B: micro_batch_size, S: seq_len}
+        self.out_specs = {s.name: [(tuple(int(sympy.sympify(d).subs(env)) for d in shape), dtype)
+                                   for shape, dtype in s.output_meta] for s in segments}
+        self.recomputed = {(i.seg, i.mb): i.part for i in program if i.op == "R"}
+        for seg in segments:
+            if seg.spec.kind == "attn":
+                attention_replay.install(seg.gm)
+        self.head_name = segments[-1].name
+        self.final_name = segments[-2].name
+        self.head_here = any(i.op == "F" and i.seg == self.head_name for i in program)
+        self.state = RankState()
+        self.inputs: list[dict[str, torch.Tensor]] = []
+        self.grad_scale = 1.0
+        self.record_trace = record_trace
+        self.trace: list[TraceEvent] = []
+        self.dispatch = {"F": self._forward, "R": self._recompute, "B": self._backward,
+                         "SEND": self._send, "RECV": self._recv, "FREE": self._free,
+                         "I": self._unsupported, "W": self._unsupported}
+
+    # -------------------------------------------------------------------------------- driving
+    def split_point(self) -> int:
+        """Index of this rank's first backward-half instruction (all-forward-first schedules)."""
+        for k, i in enumerate(self.program.instrs):
+            if i.op in ("B", "I", "W", "R") or (i.op == "RECV" and i.value == "bwd") or (
+                    i.op == "F" and i.seg == self.head_name and self._head_runs_in_backward(k)):
+                j = k
+                while j > 0 and self.program.instrs[j - 1].op == "RECV" and self.program.instrs[j - 1].value == "fwd" \
+                        and self.program.instrs[j - 1].seg == self.final_name:
+                    j -= 1
+                return j
+        return len(self.program.instrs)
+
+    def _head_runs_in_backward(self, k: int) -> bool:
+        for i in self.program.instrs[k + 1:]:
+            if i.is_compute:
+                return i.op == "B" and i.seg == self.head_name
+        return False
+
+    def run(self, start: int, stop: int) -> None:
+        instrs = self.program.instrs
+        for k in range(start, stop):
+            instr = instrs[k]
+            t0 = time.perf_counter()
+            try:
+                self.dispatch[instr.op](instr)
+            except RuntimeFailure:
+                raise
+            except Exception as e:
+                raise RuntimeFailure(f"rank {self.rank} failed at instruction {k} '{instr}' "
+                                     f"(segment {instr.seg}, micro batch {instr.mb}): {type(e).__name__}: {e}") from e
+            if self.record_trace and instr.is_compute:
+                self.trace.append(TraceEvent(instr.op, instr.seg, instr.mb, t0, time.perf_counter()))
+
+    # ---------------------------------------------------------------------------- instructions
+    def _pred(self, name: str) -> str | None:
+        idx = self.order.index(name)
+        return self.order[idx - 1] if idx > 0 else None
+
+    def _call(self, seg: Segment, leaves: list, mb: int):
+        user = [self.inputs[mb][n] for n in seg.user_inputs]
+        return seg.gm(*leaves, *user)
+
+    def _forward(self, i: Instr) -> None:
+        seg = self.segments[i.seg]
+        pred = self._pred(i.seg)
+        chain_in = self.state.fwd[(pred, i.mb)] if pred is not None else []
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in chain_in]
+        part = self.recomputed.get((i.seg, i.mb))
+        if part is None:
+            with torch.enable_grad():
+                outs = self._call(seg, leaves, i.mb)
+            self.state.stash[(i.seg, i.mb)] = _Stash(leaves, outs)
+        else:
+            cache: list = []
+            with torch.no_grad(), attention_replay.mode("record" if part == "pre" else "direct", cache):
+                outs = self._call(seg, leaves, i.mb)
+            self.state.stash[(i.seg, i.mb)] = _Stash(leaves, None, cache)
+        self.state.fwd[(i.seg, i.mb)] = [o.detach() for o in outs]
+        if i.seg == self.final_name and self.loss_in_forward and self.head_here:
+            self._preview_loss(i.mb)
+        if i.seg == self.head_name:
+            self.state.losses[i.mb] = outs[0].detach().clone()
+
+    def _preview_loss(self, mb: int) -> None:
+        # The head's forward proper runs at the start of the micro batch's backward (HelixPipe:
+        # no logits stash); this value-only pass makes forward() return the loss.
+        head = self.segments[self.head_name]
+        with torch.no_grad(), attention_replay.mode("direct"):
+            (loss,) = self._call(head, self.state.fwd[(self.final_name, mb)], mb)
+        self.state.losses[mb] = loss.detach().clone()
+
+    def _recompute(self, i: Instr) -> None:
+        seg = self.segments[i.seg]
+        st = self.state.stash[(i.seg, i.mb)]
+        with torch.enable_grad(), attention_replay.mode("replay" if i.part == "pre" else "direct", st.attention):
+            st.outputs = self._call(seg, st.inputs, i.mb)
+        st.attention = None
+
+    def _backward(self, i: Instr) -> None:
+        st = self.state.stash.pop((i.seg, i.mb))
+        if i.seg == self.head_name:
+            grads = [torch.full_like(st.outputs[0], self.grad_scale / self.num_microbatches)]
+        else:
+            grads = self.state.bwd.pop((i.seg, i.mb))
+        outs = [o for o in st.outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        pred = self._pred(i.seg)
+        if pred is not None:
+            self.state.bwd[(pred, i.mb)] = [
+                (x.grad if x.grad is not None else torch.zeros_like(x)) for x in st.inputs if x.is_floating_point()]
+
+    def _send(self, i: Instr) -> None:
+        store = self.state.fwd if i.value == "fwd" else self.state.bwd
+        self.transport.send(store[(i.seg, i.mb)], i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
+
+    def _recv(self, i: Instr) -> None:
+        specs = self.out_specs[i.seg]
+        if i.value == "bwd":
+            specs = [s for s in specs if s[1].is_floating_point]
+            store = self.state.bwd
+        else:
+            store = self.state.fwd
+        handle = self.transport.recv(specs, i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
+        store[(i.seg, i.mb)] = handle.wait()
+
+    def _free(self, i: Instr) -> None:
+        {"stash": self.state.stash, "fwd": self.state.fwd, "bwd": self.state.bwd}[i.value].pop((i.seg, i.mb), None)
+
+    def _unsupported(self, i: Instr) -> None:
+        raise RuntimeFailure(f"instruction {i} (split backward) is simulated only; run zb1p in the simulator")

@@ -1,0 +1,169 @@
+"""``helix_compile``: the compiled program as an ``nn.Module`` on one rank of a process group.
+
+``loss = pipe(input_ids, labels)`` runs the forward half of this rank's schedule over all micro
+batches and returns the mean micro-batch loss (the same value on every rank);
+``loss.backward()`` runs the backward half (first in, last out). Schedules that interleave
+forward and backward (1F1B) run the whole step in ``forward`` and ``backward`` only returns.
+The loss is the mean over micro batches of the model's own loss, which equals the full-batch
+loss when every micro batch has the same number of counted tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import HelixError
+from ..program import HelixProgram, compile_program
+from .executor import Executor
+
+
+class _PipelineLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, value, pipe):
+        ctx.pipe = pipe
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.pipe._backward_half(float(grad))
+        return None, None, None
+
+
+class HelixPipeline(torch.nn.Module):
+    def __init__(self, program: HelixProgram, *, rank: int, transport, loss_in_forward: bool = True,
+                 record_trace: bool = False):
+        super().__init__()
+        if program.schedule is None:
+            raise HelixError("the program has no schedule")
+        cfg = program.config
+        self.program, self.rank, self.transport = program, rank, transport
+        self.config = cfg
+        self.executor = Executor(rank, program.schedule.programs[rank], program.segments, transport=transport,
+                                 micro_batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len,
+                                 num_microbatches=cfg.num_microbatches, loss_in_forward=loss_in_forward,
+                                 record_trace=record_trace)
+        self._split = self.executor.split_point()
+        instrs = self.executor.program.instrs
+        self._forward_only_first = not any(i.op == "F" and i.seg != program.segments[-1].name for i in instrs[self._split:])
+        head = program.segments[-1].name
+        self.head_rank = next(r for r, p in enumerate(program.schedule.programs) if any(i.op == "F" and i.seg == head for i in p))
+        gm_params = dict(program.captured.gm.named_parameters())
+        self._owned = self._params_on(rank, gm_params)
+        holders: dict[str, list[int]] = {}
+        for r in range(cfg.pp_size):
+            for name in self._params_on(r, gm_params):
+                holders.setdefault(name, []).append(r)
+        self._shared = sorted(n for n, rs in holders.items() if len(rs) > 1)
+        self._gm_params = gm_params
+        self._pending_backward = False
+
+    def _params_on(self, rank: int, gm_params) -> list[str]:
+        """Canonical names (first name of each parameter object) of the parameters ``rank`` uses."""
+        gm = self.program.captured.gm
+        canonical = {id(p): n for n, p in gm_params.items()}
+        segs = {i.seg for i in self.program.schedule.programs[rank] if i.op == "F"}
+        used = {canonical[id(gm.get_parameter(p))] for s in self.program.segments if s.name in segs for p in s.params}
+        return [n for n in gm_params if n in used]
+
+    # ------------------------------------------------------------------------ parameters
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name in self._owned:
+            yield prefix + self.program.captured.user_fqn(name), self._gm_params[name]
+
+    def state_dict(self, *args, **kwargs):
+        return {fqn: p.detach() for fqn, p in self.named_parameters()}
+
+    def stage_graphs(self, rank: int | None = None) -> dict[str, torch.fx.GraphModule]:
+        """The segment GraphModules that ``rank`` (default: this one) runs forward."""
+        rank = self.rank if rank is None else rank
+        segs = {i.seg for i in self.program.schedule.programs[rank] if i.op == "F"}
+        return {s.name: s.gm for s in self.program.segments if s.name in segs}
+
+    @property
+    def schedule(self):
+        return self.program.schedule
+
+    # ------------------------------------------------------------------------ running
+    def _check_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        c = self.config
+        want = (c.num_microbatches * c.micro_batch_size, c.seq_len)
+        for name, t in (("input_ids", input_ids), ("labels", labels)):
+            if tuple(t.shape) != want:
+                raise HelixError(
+                    f"rank {self.rank}: {name} has shape {tuple(t.shape)} but the program was compiled for "
+                    f"{want} (num_microbatches={c.num_microbatches} x micro_batch_size={c.micro_batch_size}, "
+                    f"seq_len={c.seq_len}); recompile or reshape the batch")
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check_batch(input_ids, labels)
+        if self._pending_backward:
+            raise HelixError("forward() called twice without backward(): call loss.backward() first")
+        c = self.config
+        ex = self.executor
+        ex.inputs = [{"input_ids": i, "labels": l} for i, l in zip(input_ids.split(c.micro_batch_size),
+                                                                 labels.split(c.micro_batch_size))]
+        ex.state.losses.clear()
+        ex.grad_scale = 1.0
+        ex.trace.clear()
+        if self._forward_only_first:
+            ex.run(0, self._split)
+            self._pending_backward = True
+        else:
+            ex.run(0, len(ex.program.instrs))
+            self._finish()
+        value = self._loss_value()
+        anchor = torch.zeros((), requires_grad=True)
+        return _PipelineLoss.apply(anchor, value, self)
+
+    def _loss_value(self) -> torch.Tensor:
+        c = self.config
+        if self.rank == self.head_rank:
+            losses = self.executor.state.losses
+            if len(losses) != c.num_microbatches:
+                raise HelixError(f"rank {self.rank}: loss known for {len(losses)} of {c.num_microbatches} micro batches")
+            value = torch.stack([losses[m] for m in sorted(losses)]).mean().to(torch.float64)
+        else:
+            value = torch.zeros((), dtype=torch.float64)
+        self.transport.broadcast_(value, src=self.head_rank)
+        return value
+
+    def _backward_half(self, grad: float) -> None:
+        if not self._pending_backward:
+            return  # the whole step already ran in forward (interleaved schedule)
+        ex = self.executor
+        ex.grad_scale = grad
+        ex.run(self._split, len(ex.program.instrs))
+        self._pending_backward = False
+        self._finish()
+
+    def _finish(self) -> None:
+        self.transport.drain()
+        # parameters used on several ranks (a tied embedding/head on different stages)
+        for name in self._shared:
+            p = self._gm_params[name]
+            g = p.grad if name in self._owned and p.grad is not None else torch.zeros_like(p)
+            self.transport.all_reduce_(g)
+            if name in self._owned:
+                p.grad = g
+
+
+def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_microbatches: int | None = None,
+                  num_folds: int = 2, micro_batch_size: int = 1, loss_fn=None, recompute: str = "without_attention",
+                  mlp_chunks: int | None = None, schedule: str = "helix", timeout: float = 60.0,
+                  record_trace: bool = False, transport=None) -> HelixPipeline:
+    """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
+
+    Needs an initialized process group of ``pp_size`` ranks (``torchrun``)."""
+    from .transport import Transport
+
+    if transport is None:
+        transport = Transport(timeout=timeout)
+    if transport.world_size != pp_size:
+        raise HelixError(f"pp_size={pp_size} but the process group has {transport.world_size} ranks; "
+                         f"launch with torchrun --nproc-per-node {pp_size}")
+    if schedule == "helix" and num_microbatches is None:
+        num_microbatches = pp_size * num_folds
+    program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
+                              num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
+                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, loss_fn=loss_fn)
+    return HelixPipeline(program, rank=transport.rank, transport=transport, record_trace=record_trace)
