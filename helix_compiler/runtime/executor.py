@@ -48,6 +48,35 @@ class RankState:
     losses: dict = field(default_factory=dict)  # mb -> loss value (head rank)
 
 
+def split_point(program: RankProgram, head: str, final: str) -> int:
+    """Index of the rank's first backward-half instruction: the first B/I/W/R, backward
+    RECV, or forward of the head whose backward follows at once (HelixPipe runs the head at
+    the start of a micro batch's backward), moved before the RECVs that feed it."""
+    instrs = program.instrs
+    for k, i in enumerate(instrs):
+        head_in_bwd = i.op == "F" and i.seg == head and _next_compute_is_head_backward(instrs, k, head)
+        if i.op in ("B", "I", "W", "R") or (i.op == "RECV" and i.value == "bwd") or head_in_bwd:
+            j = k
+            while j > 0 and instrs[j - 1].op == "RECV" and instrs[j - 1].value == "fwd" and instrs[j - 1].seg == final:
+                j -= 1
+            return j
+    return len(instrs)
+
+
+def all_forward_first(program: RankProgram, head: str, final: str) -> bool:
+    """True when no forward (but the head's) comes after the split point: the program splits
+    into a forward half and a backward half (helix, GPipe), unlike 1F1B."""
+    k = split_point(program, head, final)
+    return not any(i.op == "F" and i.seg != head for i in program.instrs[k:])
+
+
+def _next_compute_is_head_backward(instrs, k: int, head: str) -> bool:
+    for i in instrs[k + 1:]:
+        if i.is_compute:
+            return i.op == "B" and i.seg == head
+    return False
+
+
 class Executor:
     def __init__(self, rank: int, program: RankProgram, segments: list[Segment], *, transport,
                  micro_batch_size: int, seq_len: int, num_microbatches: int, loss_in_forward: bool = True,
@@ -80,22 +109,7 @@ class Executor:
 
     # -------------------------------------------------------------------------------- driving
     def split_point(self) -> int:
-        """Index of this rank's first backward-half instruction (all-forward-first schedules)."""
-        for k, i in enumerate(self.program.instrs):
-            if i.op in ("B", "I", "W", "R") or (i.op == "RECV" and i.value == "bwd") or (
-                    i.op == "F" and i.seg == self.head_name and self._head_runs_in_backward(k)):
-                j = k
-                while j > 0 and self.program.instrs[j - 1].op == "RECV" and self.program.instrs[j - 1].value == "fwd" \
-                        and self.program.instrs[j - 1].seg == self.final_name:
-                    j -= 1
-                return j
-        return len(self.program.instrs)
-
-    def _head_runs_in_backward(self, k: int) -> bool:
-        for i in self.program.instrs[k + 1:]:
-            if i.is_compute:
-                return i.op == "B" and i.seg == self.head_name
-        return False
+        return split_point(self.program, self.head_name, self.final_name)
 
     def run(self, start: int, stop: int) -> None:
         instrs = self.program.instrs

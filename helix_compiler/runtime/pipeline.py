@@ -14,7 +14,7 @@ import torch
 
 from ..errors import HelixError
 from ..program import HelixProgram, compile_program
-from .executor import Executor
+from .executor import Executor, all_forward_first
 
 
 class _PipelineLoss(torch.autograd.Function):
@@ -43,9 +43,9 @@ class HelixPipeline(torch.nn.Module):
                                  num_microbatches=cfg.num_microbatches, loss_in_forward=loss_in_forward,
                                  record_trace=record_trace)
         self._split = self.executor.split_point()
-        instrs = self.executor.program.instrs
-        self._forward_only_first = not any(i.op == "F" and i.seg != program.segments[-1].name for i in instrs[self._split:])
-        head = program.segments[-1].name
+        head, final = program.segments[-1].name, program.segments[-2].name
+        # every rank must agree, or one would wait in the loss broadcast while another still runs
+        self._forward_only_first = all(all_forward_first(p, head, final) for p in program.schedule.programs)
         self.head_rank = next(r for r, p in enumerate(program.schedule.programs) if any(i.op == "F" and i.seg == head for i in p))
         gm_params = dict(program.captured.gm.named_parameters())
         self._owned = self._params_on(rank, gm_params)
