@@ -8,7 +8,11 @@ scores per query row, ``[batch, heads, seq]``, float32 for half inputs. Its back
 forward: that is what HelixPipe's "recompute everything but attention" relies on.
 
 Backends are looked up in ``BACKENDS`` by name; ``HELIX_ATTENTION_BACKEND`` (or
-``set_attention_backend``) forces one, else the first available one for the device wins.
+``set_attention_backend``) forces one, else the first available one for the device (and,
+where a backend declares ``unsupported``, for the dtype and head dim) wins. Preference order:
+``flash_attn`` (CUDA, when the package imports), ``aten`` (CPU: the flash-attention-for-CPU
+ops; CUDA: torch's flash op for fp16/bf16, the memory-efficient op otherwise), ``triton``
+(CUDA, or CPU tensors when ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import HelixError
 
@@ -32,6 +36,17 @@ class AttentionBackend:
     forward: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, causal, scale) -> (out, lse)
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]  # (dout, q, k, v, out, lse, causal, scale)
     available: Callable[[torch.device], bool]  # usable on this device?
+    # Optional finer check: None if (device, dtype, head_dim) is supported, else the reason.
+    unsupported: Callable[[torch.device, torch.dtype, int], str | None] | None = None
+
+    def reason_unusable(self, device: torch.device, dtype: torch.dtype | None = None,
+                        head_dim: int | None = None) -> str | None:
+        """Why this backend cannot run these inputs (``None`` when it can)."""
+        if not self.available(device):
+            return f"not available on {device}"
+        if self.unsupported is not None and dtype is not None and head_dim is not None:
+            return self.unsupported(device, dtype, head_dim)
+        return None
 
 
 BACKENDS: dict[str, AttentionBackend] = {}  # in order of preference
@@ -54,22 +69,34 @@ def set_attention_backend(name: str | None) -> None:
     _forced = name
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
+def select_backend(device: torch.device, dtype: torch.dtype | None = None,
+                   head_dim: int | None = None) -> AttentionBackend:
+    """The backend that runs attention on ``device`` (and ``dtype``/``head_dim`` if given).
+
+    A forced backend (``set_attention_backend`` or ``HELIX_ATTENTION_BACKEND``) is used or
+    rejected with a ``HelixError``; it never silently falls back to another one.
+    """
     name = _forced or os.environ.get(ENV_VAR) or None
     if name is not None:
         if name not in BACKENDS:
             raise HelixError(f"{ENV_VAR}={name!r} is not a known attention backend; "
                              f"use one of {sorted(BACKENDS)}")
         backend = BACKENDS[name]
-        if not backend.available(device):
-            raise HelixError(f"attention backend {name!r} was forced but is not available on "
-                             f"{device}; unset {ENV_VAR} or pick one of "
-                             f"{[b for b, v in BACKENDS.items() if v.available(device)]}")
+        reason = backend.reason_unusable(device, dtype, head_dim)
+        if reason is not None:
+            usable = [b for b, v in BACKENDS.items()
+                      if v.reason_unusable(device, dtype, head_dim) is None]
+            raise HelixError(f"attention backend {name!r} was forced but is {reason} "
+                             f"(device={device}, dtype={dtype}, head_dim={head_dim}); unset "
+                             f"{ENV_VAR} / call set_attention_backend(None), or pick one of "
+                             f"{usable}")
         return backend
     for backend in BACKENDS.values():
-        if backend.available(device):
+        if backend.reason_unusable(device, dtype, head_dim) is None:
             return backend
-    raise HelixError(f"no attention backend is available on {device}")
+    raise HelixError(f"no attention backend is available on {device} for dtype={dtype}, "
+                     f"head_dim={head_dim}; known backends: "
+                     f"{ {b: v.reason_unusable(device, dtype, head_dim) for b, v in BACKENDS.items()} }")
 
 
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
@@ -87,7 +114,14 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-# --- aten backend: CPU flash-attention-for-CPU ops ------------------------------------------
+# --- aten backend ------------------------------------------------------------------------------
+# CPU: the flash-attention-for-CPU ops (GQA by expanding K/V).
+# CUDA: ``_scaled_dot_product_flash_attention`` for fp16/bf16 (GQA natively, head dim padded to
+# a multiple of 8 as SDPA does), else ``_scaled_dot_product_efficient_attention`` with
+# ``compute_log_sumexp=True`` (fp32; GQA by expanding K/V; causal is top-left aligned as in
+# SDPA, which is why a causal call with seq_q != seq_k also takes the efficient op). The
+# efficient op pads its lse along seq to a multiple of 32: we slice it to [b, h, s] and pad it
+# back (values never read) before the backward.
 def _aten_cpu_forward(q, k, v, causal, scale):
     g = q.shape[1] // k.shape[1]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -102,8 +136,99 @@ def _aten_cpu_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, _reduce_kv(dk, g), _reduce_kv(dv, g)
 
 
+_EFFICIENT_LSE_ALIGN = 32
+
+
+def _aten_cuda_uses_flash(q: Tensor, k: Tensor, causal: bool) -> bool:
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and not (causal and q.shape[2] != k.shape[2]))
+
+
+def _pad_head_dim(x: Tensor, multiple: int = 8) -> Tensor:
+    d = x.shape[-1]
+    return x if d % multiple == 0 else torch.nn.functional.pad(x, (0, multiple - d % multiple))
+
+
+def _dropout_free_rng(device: torch.device) -> tuple[Tensor, Tensor]:
+    # The flash/efficient ops read their philox seed/offset only when dropout_p > 0; we never
+    # use dropout, so placeholders of the forward's shapes are passed to the backward.
+    return (torch.zeros(2, dtype=torch.int64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device))
+
+
+def _aten_cuda_forward(q, k, v, causal, scale):
+    aten = torch.ops.aten
+    if _aten_cuda_uses_flash(q, k, causal):
+        d = q.shape[-1]
+        res = aten._scaled_dot_product_flash_attention(
+            _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        return out[..., :d], lse
+    g = q.shape[1] // k.shape[1]
+    out, lse, _seed, _offset = aten._scaled_dot_product_efficient_attention(
+        q, _expand_kv(k, g), _expand_kv(v, g), None, True, 0.0, causal, scale=scale)
+    return out, lse[:, :, : q.shape[2]]
+
+
+def _aten_cuda_backward(dout, q, k, v, out, lse, causal, scale):
+    aten = torch.ops.aten
+    s_q, s_k = q.shape[2], k.shape[2]
+    if _aten_cuda_uses_flash(q, k, causal):
+        d = q.shape[-1]
+        seed, offset = _dropout_free_rng(q.device)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            _pad_head_dim(dout), _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v),
+            _pad_head_dim(out), lse, None, None, s_q, s_k, 0.0, causal, seed, offset,
+            scale=scale)
+        return dq[..., :d], dk[..., :d], dv[..., :d]
+    g = q.shape[1] // k.shape[1]
+    padded = -(-s_q // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
+    lse_p = torch.nn.functional.pad(lse, (0, padded - s_q)) if padded != s_q else lse
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _dbias = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, _expand_kv(k, g), _expand_kv(v, g), None, out, lse_p.contiguous(),
+        seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
+    return dq, _reduce_kv(dk, g), _reduce_kv(dv, g)
+
+
+def _aten_forward(q, k, v, causal, scale):
+    if q.device.type == "cpu":
+        return _aten_cpu_forward(q, k, v, causal, scale)
+    return _aten_cuda_forward(q, k, v, causal, scale)
+
+
+def _aten_backward(dout, q, k, v, out, lse, causal, scale):
+    if q.device.type == "cpu":
+        return _aten_cpu_backward(dout, q, k, v, out, lse, causal, scale)
+    return _aten_cuda_backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def _aten_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"limited to fp16/bf16/fp32 on CUDA, not {dtype}"
+    return None
+
+
 register_backend(AttentionBackend(
-    "aten", _aten_cpu_forward, _aten_cpu_backward, lambda device: device.type == "cpu"))
+    "aten", _aten_forward, _aten_backward, lambda device: device.type in ("cpu", "cuda"),
+    _aten_unsupported))
+
+
+def _register_optional_backends() -> None:
+    # flash_attn first (preferred on CUDA), triton last. Both modules import their heavy
+    # dependencies lazily, so registering them costs nothing on machines without them.
+    from . import flash_attn_backend as fa
+    from . import triton_attention as tr
+
+    register_backend(AttentionBackend("flash_attn", fa.flash_attn_forward, fa.flash_attn_backward,
+                                      fa.available, fa.unsupported), first=True)
+    register_backend(AttentionBackend("triton", tr.triton_attention_forward,
+                                      tr.triton_attention_backward, tr.available,
+                                      tr.unsupported))
+
+
+_register_optional_backends()
 
 
 # --- the op ----------------------------------------------------------------------------------
@@ -119,7 +244,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
 @torch.library.custom_op("helix::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     _check(q, k, v)
-    out, lse = select_backend(q.device).forward(q, k, v, causal, scale)
+    out, lse = select_backend(q.device, q.dtype, q.shape[-1]).forward(q, k, v, causal, scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -133,7 +258,8 @@ def _(q, k, v, *, causal, scale):
 @torch.library.custom_op("helix::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = select_backend(q.device).backward(dout.contiguous(), q, k, v, out, lse, causal, scale)
+    backend = select_backend(q.device, q.dtype, q.shape[-1])
+    dq, dk, dv = backend.backward(dout.contiguous(), q, k, v, out, lse, causal, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -144,8 +144,9 @@ class ChunkedRecomputeMLP(torch.autograd.Function):
         seq_dim = ctx.seq_dim
 
         leaves = [p.detach().requires_grad_(bool(need)) if p is not None else None
-                  for p, need in zip(params, need_p)]
-        wrt_idx = [i for i, (p, need) in enumerate(zip(params, need_p)) if p is not None and need]
+                  for p, need in zip(params, need_p, strict=True)]
+        wrt_idx = [i for i, (p, need) in enumerate(zip(params, need_p, strict=True))
+                   if p is not None and need]
         acc: list[Tensor | None] = [None] * len(params)
         dx = torch.empty_like(x) if need_x else None
         for start, n in ctx.bounds:
@@ -160,7 +161,7 @@ class ChunkedRecomputeMLP(torch.autograd.Function):
             if need_x:
                 dx.narrow(seq_dim, start, n).copy_(grads[0])
                 grads = grads[1:]
-            for i, g in zip(wrt_idx, grads):
+            for i, g in zip(wrt_idx, grads, strict=True):
                 if acc[i] is None:
                     acc[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
                 else:
