@@ -1,0 +1,187 @@
+"""From the sympy cost model to the numbers the simulator uses (seconds, bytes per segment),
+and synthetic chains for tests.
+
+Durations of one segment for one micro batch on a device (``dtype`` picks the peak):
+
+* matmul part = FLOPs - attention FLOPs, at ``peak * matmul_fraction``;
+* attention part = attention FLOPs * ``attention_causal_factor`` (a causal kernel skips the
+  masked half), at ``peak * attention_fraction``;
+* optional memory-bound part: ``extra["mem_bytes_fwd"]`` / ``extra["mem_bytes_bwd"]`` bytes at
+  the HBM bandwidth, when the cost model provides them.
+
+``F`` uses the forward FLOPs, ``B`` the backward, ``I`` / ``W`` the input- / weight-gradient
+shares (attention backward counts as input gradient), ``R`` the recompute FLOPs of the
+schedule's policy (attention FLOPs in them, at the attention rate, only for policies that rerun
+attention: ``full`` and ``selective``).
+Memory: ``saved_bytes[policy]`` is kept from the end of ``F`` to the stash's ``FREE``; ``R``
+adds ``saved_bytes["none"] - saved_bytes[policy]`` (what the recomputation rematerializes)
+until then. Messages carry ``out_bytes`` (the gradient of a boundary has its size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sympy
+
+from ..cost.devices import DeviceSpec
+from ..errors import HelixError
+from ..ir.segment import POLICIES, B, S, SegmentCost, chain_specs
+
+
+@dataclass(frozen=True)
+class OpTimes:
+    """Per chain segment (index = chain position): seconds per instruction kind and bytes."""
+
+    fwd: tuple[float, ...]
+    bwd: tuple[float, ...]
+    bwd_input: tuple[float, ...]
+    bwd_weight: tuple[float, ...]
+    recompute: tuple[float, ...]
+    saved_bytes: tuple[float, ...]
+    recompute_bytes: tuple[float, ...]
+    out_bytes: tuple[float, ...]
+
+    def duration(self, op: str, c: int) -> float:
+        return {"F": self.fwd, "B": self.bwd, "I": self.bwd_input, "W": self.bwd_weight,
+                "R": self.recompute}[op][c]
+
+    @staticmethod
+    def uniform(n: int, *, fwd: float = 1.0, bwd: float = 1.0, **kw) -> OpTimes:
+        """Same numbers for every segment (``kw`` may override any field with a tuple)."""
+        base = dict(fwd=(fwd,) * n, bwd=(bwd,) * n, bwd_input=(bwd / 2,) * n,
+                    bwd_weight=(bwd / 2,) * n, recompute=(0.0,) * n, saved_bytes=(0.0,) * n,
+                    recompute_bytes=(0.0,) * n, out_bytes=(0.0,) * n)
+        base.update(kw)
+        return OpTimes(**base)
+
+
+def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_size: int,
+             seq_len: int, dtype: str = "bf16", recompute: str = "none") -> OpTimes:
+    if recompute not in POLICIES:
+        raise HelixError(f"recompute={recompute!r} is not one of {POLICIES}")
+    mm = device.matmul_rate(dtype)
+    at = device.attention_rate(dtype)
+    bw = device.memory_bandwidth
+    fields: dict[str, list[float]] = {k: [] for k in OpTimes.__dataclass_fields__}
+    env = {B: micro_batch_size, S: seq_len}
+    memo: dict = {}
+
+    def num(e) -> float:
+        e = sympy.sympify(e)
+        if e.is_Number:
+            return float(e)
+        if e not in memo:
+            memo[e] = float(e.subs(env))
+        return memo[e]
+
+    for k, c in enumerate(costs):
+        cf = float(c.attention_causal_factor)
+        a_f, a_b = num(c.attention_flops_fwd), num(c.attention_flops_bwd)
+        f, b = num(c.flops_fwd), num(c.flops_bwd)
+        bi, bwt = num(c.flops_bwd_input), num(c.flops_bwd_weight)
+        mem_f = num(c.extra.get("mem_bytes_fwd", 0)) / bw
+        mem_b = num(c.extra.get("mem_bytes_bwd", 0)) / bw
+        fields["fwd"].append((f - a_f) / mm + a_f * cf / at + mem_f)
+        fields["bwd"].append((b - a_b) / mm + a_b * cf / at + mem_b)
+        fields["bwd_input"].append(max(bi - a_b, 0.0) / mm + a_b * cf / at + mem_b / 2)
+        fields["bwd_weight"].append(bwt / mm + mem_b / 2)
+        if recompute not in c.recompute_flops and recompute != "none":
+            raise HelixError(f"segment {k}: its SegmentCost has no recompute_flops for policy "
+                             f"{recompute!r} (it has {sorted(c.recompute_flops)})")
+        rf = num(c.recompute_flops.get(recompute, 0))
+        ra = min(rf, a_f) if recompute in ("full", "selective") else 0.0
+        fields["recompute"].append((rf - ra) / mm + ra * cf / at)
+        if recompute not in c.saved_bytes:
+            raise HelixError(f"segment {k}: its SegmentCost has no saved_bytes for policy "
+                             f"{recompute!r} (it has {sorted(c.saved_bytes)})")
+        saved = num(c.saved_bytes[recompute])
+        full = num(c.saved_bytes.get("none", c.saved_bytes[recompute]))
+        fields["saved_bytes"].append(saved)
+        fields["recompute_bytes"].append(max(full - saved, 0.0) if rf > 0 else 0.0)
+        fields["out_bytes"].append(num(c.out_bytes))
+    return OpTimes(**{k: tuple(v) for k, v in fields.items()})
+
+
+def unit_device(*, bandwidth: float = float("inf"), latency: float = 0.0) -> DeviceSpec:
+    """A device where one FLOP takes one second (durations = FLOP counts), for tests."""
+    return DeviceSpec(name="unit", peak_flops={"bf16": 1.0, "fp32": 1.0, "fp16": 1.0},
+                      matmul_fraction=1.0, attention_fraction=1.0, memory_bandwidth=float("inf"),
+                      memory_bytes=float("inf"), intra_node_bandwidth=bandwidth,
+                      intra_node_latency=latency, inter_node_bandwidth=bandwidth,
+                      inter_node_latency=latency, gpus_per_node=1)
+
+
+def uniform_chain_costs(num_layers: int, *, attn_fwd: float = 4.0, attn_pre_fwd: float = 0.0,
+                        param_fwd: float = 1.0, embed_fwd: float = 0.0,
+                        final_fwd: float | None = None, head_fwd: float = 0.0,
+                        bwd_factor: float = 2.0, weight_share: float = 0.5,
+                        attn_saved: float = 1.0, param_saved: float = 1.0,
+                        embed_saved: float = 0.0, head_saved: float = 0.0,
+                        recompute_saved_fraction: float = 0.25, out_bytes: float = 0.0,
+                        causal_factor: float = 1.0, scale_with_s: bool = False) -> list[SegmentCost]:
+    """A synthetic chain with the same cost in every layer.
+
+    FLOPs: attention segments ``attn_fwd`` (of which ``attn_pre_fwd`` is the pre-function, e.g.
+    the QKV GEMM; the rest is attention proper), parameter chunks ``param_fwd``, ``PL``
+    ``final_fwd`` (default ``param_fwd``), ``E`` ``embed_fwd``, ``H`` ``head_fwd``; backward =
+    ``bwd_factor`` x forward; ``weight_share`` of a non-attention backward is the weight
+    gradient. Saved bytes under "none" are ``*_saved``; checkpointing policies keep
+    ``recompute_saved_fraction`` of them for recomputed segments. ``causal_factor`` 1 makes
+    durations on :func:`unit_device` equal the FLOP numbers. ``scale_with_s``: attention
+    grows like ``s^2``, the rest like ``s`` (values given are at ``s = 1``).
+    """
+    lin = S if scale_with_s else sympy.Integer(1)
+    quad = S ** 2 if scale_with_s else sympy.Integer(1)
+    final_fwd = param_fwd if final_fwd is None else final_fwd
+
+    def R(x) -> sympy.Rational:  # 0.1 -> 1/10 exactly (fast; nsimplify is slow)
+        return sympy.Rational(repr(float(x)))
+
+    by_kind: dict[str, SegmentCost] = {}
+    out = []
+    for spec in chain_specs(num_layers):
+        if spec.kind in by_kind:
+            out.append(by_kind[spec.kind])
+            continue
+        if spec.kind == "attn":
+            core = attn_fwd - attn_pre_fwd
+            fwd = R(attn_pre_fwd) * lin + R(core) * quad
+            afwd = R(core) * quad
+            bwd = R(bwd_factor) * fwd
+            abwd = R(bwd_factor) * afwd
+            pre_w = R(bwd_factor * weight_share * attn_pre_fwd) * lin
+            rec = {"none": 0, "without_attention": R(attn_pre_fwd) * lin, "full": fwd,
+                   "selective": afwd}
+            saved_none = R(attn_saved) * lin
+            saved = {"none": saved_none, "without_attention": R(recompute_saved_fraction) * saved_none,
+                     "full": R(recompute_saved_fraction) * saved_none,
+                     "selective": R(recompute_saved_fraction) * saved_none}
+            out.append(SegmentCost(
+                flops_fwd=fwd, flops_bwd=bwd, flops_bwd_input=bwd - pre_w, flops_bwd_weight=pre_w,
+                attention_flops_fwd=afwd, attention_flops_bwd=abwd,
+                recompute_flops={k: sympy.sympify(v) for k, v in rec.items()},
+                saved_bytes=saved, param_bytes=sympy.Integer(0),
+                out_bytes=R(out_bytes) * lin, attention_causal_factor=R(causal_factor)))
+            by_kind[spec.kind] = out[-1]
+            continue
+        f, sv = {"embed": (embed_fwd, embed_saved), "param": (param_fwd, param_saved),
+                 "final": (final_fwd, param_saved), "head": (head_fwd, head_saved)}[spec.kind]
+        fwd = R(f) * lin
+        bwd = R(bwd_factor) * fwd
+        w = R(weight_share) * bwd
+        saved_none = R(sv) * lin
+        ck = R(recompute_saved_fraction) * saved_none
+        out.append(SegmentCost(
+            flops_fwd=fwd, flops_bwd=bwd, flops_bwd_input=bwd - w, flops_bwd_weight=w,
+            attention_flops_fwd=sympy.Integer(0), attention_flops_bwd=sympy.Integer(0),
+            recompute_flops={"none": sympy.Integer(0), "without_attention": fwd, "full": fwd,
+                             "selective": sympy.Integer(0)},
+            saved_bytes={"none": saved_none, "without_attention": ck, "full": ck,
+                         "selective": saved_none},
+            param_bytes=sympy.Integer(0),
+            out_bytes=sympy.Integer(0) if spec.kind == "head" else R(out_bytes) * lin,
+            attention_causal_factor=R(causal_factor)))
+        by_kind[spec.kind] = out[-1]
+    return out

@@ -1,0 +1,400 @@
+"""Discrete-event simulation of a schedule's per-rank programs.
+
+Model:
+
+* one compute stream per rank, running its compute instructions (F, B, I, W, R) in program
+  order, each for its duration;
+* communication is asynchronous and overlaps compute: a ``SEND`` costs the sender no compute
+  time; the message leaves when the sender's outgoing link (one per rank for peers on the same
+  node, one for peers on other nodes) is free, occupies it for ``bytes / bandwidth`` and
+  arrives ``latency`` later; messages match FIFO per (src, dst) pair;
+* a ``RECV`` is where a rank waits: its compute stream idles until the message has arrived;
+* memory (activations only, no parameters / optimizer state / kernel workspaces): a forward's
+  stash (``saved_bytes`` of the policy) from the end of ``F`` to its ``FREE`` (to the end of
+  ``B``/``W`` when the schedule has no frees); a recompute adds what it rematerializes until
+  then; a boundary value a rank holds (its own output or a received message) counts until the
+  consumer's forward starts (it then lives on in the consumer's stash, whose ``saved_bytes``
+  include the inputs) or, when sent, until the send has completed; a gradient from its
+  production / arrival until its ``FREE`` (or until it was sent).
+
+Every rank's timeline is exact given the durations: a rank only waits at RECVs and the send
+time of a message only depends on the sender, so the simulation processes ranks in any order
+and repeats until all programs are done.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..cost.devices import DeviceSpec, get_device
+from ..errors import ScheduleError
+from ..ir.schedule import Instr, Schedule
+from ..ir.segment import SegmentCost, SegmentSpec
+from .costs import OpTimes, op_times
+
+
+@dataclass(frozen=True)
+class OpEvent:
+    rank: int
+    start: float
+    end: float
+    instr: Instr
+    category: str  # fwd, fwd_attn, bwd, bwd_attn, bwd_input, bwd_weight, recompute, head, embed
+
+
+@dataclass(frozen=True)
+class MessageEvent:
+    src: int
+    dst: int
+    send_time: float  # when the SEND was issued
+    start: float  # when the link started carrying it
+    arrival: float
+    nbytes: float
+    instr: Instr  # the SEND
+
+
+@dataclass
+class SimResult:
+    schedule: Schedule
+    iteration_time: float
+    busy: list[float]
+    events: list[OpEvent]
+    messages: list[MessageEvent]
+    memory_timeline: list[list[tuple[float, float]]]  # per rank: (time, bytes after the change)
+    peak_stash_bytes: list[float]
+    tokens_per_iteration: float = 0.0
+    device_name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def num_stages(self) -> int:
+        return self.schedule.num_stages
+
+    @property
+    def idle(self) -> list[float]:
+        return [self.iteration_time - b for b in self.busy]
+
+    @property
+    def bubble_ratio(self) -> float:
+        """Idle fraction of all ranks: ``1 - sum(busy) / (p * iteration_time)``."""
+        if self.iteration_time <= 0:
+            return 0.0
+        return sum(self.iteration_time - b for b in self.busy) / (self.num_stages * self.iteration_time)
+
+    @property
+    def bubble_time(self) -> float:
+        """Iteration time minus the busiest rank's compute time."""
+        return self.iteration_time - max(self.busy)
+
+    @property
+    def peak_memory_bytes(self) -> list[float]:
+        return [max((b for _, b in tl), default=0.0) for tl in self.memory_timeline]
+
+    @property
+    def comm_bytes(self) -> float:
+        return sum(m.nbytes for m in self.messages)
+
+    @property
+    def comm_bytes_per_rank(self) -> list[float]:
+        out = [0.0] * self.num_stages
+        for m in self.messages:
+            out[m.src] += m.nbytes
+        return out
+
+    @property
+    def throughput(self) -> float:
+        """Tokens per second (``num_microbatches * micro_batch_size * seq_len / time``)."""
+        return self.tokens_per_iteration / self.iteration_time if self.iteration_time else 0.0
+
+    def summary(self) -> str:
+        gb = 1e9
+        lines = [f"{self.schedule.kind}: p={self.num_stages} M={self.schedule.num_microbatches} "
+                 f"F={self.schedule.num_folds} on {self.device_name or '?'}",
+                 f"  iteration {self.iteration_time:.6g} s, bubble ratio {self.bubble_ratio:.4f}, "
+                 f"comm {self.comm_bytes / gb:.3f} GB in {len(self.messages)} messages"]
+        for r in range(self.num_stages):
+            lines.append(f"  rank {r}: busy {self.busy[r]:.6g} s, idle {self.idle[r]:.6g} s, "
+                         f"peak activations {self.peak_memory_bytes[r] / gb:.3f} GB")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ outputs
+    def write_timeline(self, path, *, title: str | None = None, show_labels: bool | None = None):
+        from .plot import write_timeline
+
+        return write_timeline(self, path, title=title, show_labels=show_labels)
+
+    def write_memory_plot(self, path):
+        from .plot import write_memory_plot
+
+        return write_memory_plot(self, path)
+
+    def write_chrome_trace(self, path):
+        from .trace import write_chrome_trace
+
+        return write_chrome_trace(self, path)
+
+
+def _category(instr: Instr, kind: str) -> str:
+    if instr.op == "R":
+        return "recompute"
+    if kind in ("head", "embed"):
+        return kind
+    attn = kind == "attn"
+    if instr.op == "F":
+        return "fwd_attn" if attn else "fwd"
+    if instr.op == "B":
+        return "bwd_attn" if attn else "bwd"
+    if instr.op == "I":
+        return "bwd_attn" if attn else "bwd_input"
+    return "bwd_weight"
+
+
+def simulate_times(schedule: Schedule, times: OpTimes, *,
+                   link: Callable[[int, int], tuple[float, float]] | None = None,
+                   tokens_per_iteration: float = 0.0, device_name: str = "") -> SimResult:
+    """Simulate with explicit per-segment numbers. ``link(src, dst) -> (bytes/s, latency s)``
+    (default: infinitely fast, zero latency). A schedule without communication instructions
+    (a compute-only order) gets them inserted first."""
+    n_seg = len(schedule.specs)
+    if len(times.fwd) != n_seg:
+        raise ScheduleError(f"OpTimes has {len(times.fwd)} segments, the schedule's chain has "
+                            f"{n_seg}")
+    if "comm" not in schedule.lowered:  # compute-only order: add its messages first
+        from ..lowering.comm import insert_communication
+
+        schedule = insert_communication(schedule)
+    link = link or (lambda s, d: (math.inf, 0.0))
+    p = schedule.num_stages
+    idx = schedule.seg_index
+    kinds = [s.kind for s in schedule.specs]
+    last = n_seg - 1
+    has_frees = "frees" in schedule.lowered
+    progs = [prog.instrs for prog in schedule.programs]
+    pcs = [0] * p
+    clock = [0.0] * p
+    busy = [0.0] * p
+    egress: dict[tuple[int, bool], float] = defaultdict(float)
+    queues: dict[tuple[int, int], deque] = defaultdict(deque)
+    events: list[OpEvent] = []
+    messages: list[MessageEvent] = []
+    mem_deltas: list[list[tuple[float, float]]] = [[] for _ in range(p)]
+    stash: list[dict[tuple[int, int], float]] = [dict() for _ in range(p)]
+    stash_only: list[list[tuple[float, float]]] = [[] for _ in range(p)]
+    # boundary buffers: key (value, c, m) -> (bytes, release-not-before time)
+    bufs: list[dict[tuple[str, int, int], list[float]]] = [dict() for _ in range(p)]
+
+    def mem(r: int, t: float, delta: float, is_stash: bool = False) -> None:
+        if delta:
+            mem_deltas[r].append((t, delta))
+            if is_stash:
+                stash_only[r].append((t, delta))
+
+    def add_buf(r: int, key, t: float) -> None:
+        nbytes = times.out_bytes[key[1]]
+        bufs[r][key] = [nbytes, t]
+        mem(r, t, nbytes)
+
+    def drop_buf(r: int, key, t: float) -> None:
+        b = bufs[r].pop(key, None)
+        if b is not None:
+            mem(r, max(t, b[1]), -b[0])
+
+    def drop_stash(r: int, key, t: float) -> None:
+        nbytes = stash[r].pop(key, 0.0)
+        mem(r, t, -nbytes, True)
+
+    total = sum(len(x) for x in progs)
+    executed = 0
+    while executed < total:
+        progressed = False
+        for r in range(p):
+            ins = progs[r]
+            while pcs[r] < len(ins):
+                i = ins[pcs[r]]
+                c = idx[i.seg]
+                t = clock[r]
+                if i.op == "RECV":
+                    q = queues[(i.peer, r)]
+                    if not q:
+                        break
+                    key, arrival = q.popleft()
+                    if key != (i.value, c, i.mb):
+                        raise ScheduleError(f"simulate: rank {r} '{i}' got message {key}; "
+                                            "run validate_schedule first")
+                    clock[r] = max(t, arrival)
+                    add_buf(r, key, clock[r])
+                elif i.op == "SEND":
+                    nbytes = times.out_bytes[c]
+                    bw, lat = link(r, i.peer)
+                    lane = (r, _same_node_key(link, r, i.peer))
+                    start = max(t, egress[lane])
+                    tx = nbytes / bw if bw != math.inf else 0.0
+                    egress[lane] = start + tx
+                    arrival = start + tx + lat
+                    queues[(r, i.peer)].append(((i.value, c, i.mb), arrival))
+                    messages.append(MessageEvent(r, i.peer, t, start, arrival, nbytes, i))
+                    b = bufs[r].get((i.value, c, i.mb))
+                    if b is not None:
+                        b[1] = max(b[1], start + tx)
+                        if not has_frees:
+                            drop_buf(r, (i.value, c, i.mb), t)
+                elif i.op == "FREE":
+                    if i.value == "stash":
+                        drop_stash(r, (c, i.mb), t)
+                    else:
+                        drop_buf(r, (i.value, c, i.mb), t)
+                else:
+                    d = times.duration(i.op, c)
+                    end = t + d
+                    events.append(OpEvent(r, t, end, i, _category(i, kinds[c])))
+                    busy[r] += d
+                    clock[r] = end
+                    m = i.mb
+                    if i.op == "F":
+                        if c > 0:  # the input moves into this segment's stash
+                            bb = bufs[r].get(("fwd", c - 1, m))
+                            if bb is not None:
+                                bufs[r].pop(("fwd", c - 1, m))
+                                mem(r, max(t, bb[1]), -bb[0])
+                        stash[r][(c, m)] = times.saved_bytes[c]
+                        mem(r, end, times.saved_bytes[c], True)
+                        if c < last:
+                            add_buf(r, ("fwd", c, m), end)
+                    elif i.op == "R":
+                        extra = times.recompute_bytes[c]
+                        stash[r][(c, m)] = stash[r].get((c, m), 0.0) + extra
+                        mem(r, t, extra, True)
+                    elif i.op in ("B", "I"):
+                        if c > 0:
+                            add_buf(r, ("bwd", c - 1, m), end)
+                        if not has_frees:
+                            if c < last:
+                                drop_buf(r, ("bwd", c, m), end)
+                            if i.op == "B":
+                                drop_stash(r, (c, m), end)
+                    elif i.op == "W" and not has_frees:
+                        drop_stash(r, (c, m), end)
+                pcs[r] += 1
+                executed += 1
+                progressed = True
+        if not progressed:
+            stuck = [f"rank {r} at '{progs[r][pcs[r]]}'" for r in range(p) if pcs[r] < len(progs[r])]
+            raise ScheduleError("simulate: the schedule deadlocks (" + "; ".join(stuck)
+                                + "); run validate_schedule for the step x rank grid")
+    T = max(clock) if clock else 0.0
+    timelines = []
+    peaks_stash = []
+    for r in range(p):
+        timelines.append(_cumulate(mem_deltas[r]))
+        peaks_stash.append(max((b for _, b in _cumulate(stash_only[r])), default=0.0))
+    return SimResult(schedule=schedule, iteration_time=T, busy=busy, events=events,
+                     messages=messages, memory_timeline=timelines, peak_stash_bytes=peaks_stash,
+                     tokens_per_iteration=tokens_per_iteration, device_name=device_name)
+
+
+def _same_node_key(link, src: int, dst: int) -> bool:
+    key = getattr(link, "same_node", None)
+    return bool(key(src, dst)) if key else False
+
+
+def _cumulate(deltas: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(time, bytes after) with frees before allocations at equal times."""
+    out = [(0.0, 0.0)]
+    cur = 0.0
+    for t, d in sorted(deltas, key=lambda x: (x[0], x[1])):
+        cur += d
+        if out and out[-1][0] == t:
+            out[-1] = (t, cur)
+        else:
+            out.append((t, cur))
+    return out
+
+
+class Topology:
+    """Maps stages to nodes and gives the link between two stages."""
+
+    def __init__(self, device: DeviceSpec, stages_per_node: int = 1):
+        if stages_per_node < 1:
+            raise ScheduleError(f"stages_per_node={stages_per_node} must be >= 1")
+        self.device = device
+        self.stages_per_node = stages_per_node
+
+    def same_node(self, src: int, dst: int) -> bool:
+        return src // self.stages_per_node == dst // self.stages_per_node
+
+    def __call__(self, src: int, dst: int) -> tuple[float, float]:
+        return self.device.link(self.same_node(src, dst))
+
+
+def simulate(schedule: Schedule, specs: Sequence[SegmentSpec], costs: Sequence[SegmentCost], *,
+             device: str | DeviceSpec = "H20", micro_batch_size: int = 1, seq_len: int,
+             dtype: str = "bf16", recompute: str | None = None, stages_per_node: int = 1,
+             profile=None) -> SimResult:
+    """Simulate one training iteration of ``schedule`` with durations from the cost model.
+
+    ``recompute`` defaults to the policy the schedule was lowered with (passing another one is
+    an error: the schedule's R instructions were placed for its own policy).
+    ``stages_per_node``: consecutive pipeline stages sharing a node (default 1: every stage on
+    its own node, the usual layout when pipeline parallelism is the outermost dimension).
+    """
+    if len(specs) != len(schedule.specs) or [s.name for s in specs] != [
+            s.name for s in schedule.specs]:
+        raise ScheduleError(f"specs {[s.name for s in specs][:6]}... do not match the schedule's "
+                            f"chain of {len(schedule.specs)} segments")
+    if len(costs) != len(specs):
+        raise ScheduleError(f"got {len(costs)} SegmentCosts for {len(specs)} segments")
+    policy = schedule.recompute if recompute is None else recompute
+    if policy != schedule.recompute:
+        raise ScheduleError(f"simulate(recompute={recompute!r}) but the schedule was lowered with "
+                            f"recompute={schedule.recompute!r}; rebuild it with "
+                            f"build_schedule(..., recompute={recompute!r})")
+    dev = get_device(device, profile=profile)
+    times = op_times(costs, dev, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype,
+                     recompute=policy)
+    topo = Topology(dev, stages_per_node)
+    res = simulate_times(schedule, times, link=topo,
+                         tokens_per_iteration=schedule.num_microbatches * micro_batch_size * seq_len,
+                         device_name=dev.name)
+    res.meta.update(micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype,
+                    stages_per_node=stages_per_node, device_memory_bytes=dev.memory_bytes)
+    return res
+
+
+def unit_times(schedule: Schedule, *, head: float = 0.0) -> OpTimes:
+    """Every F/B/I/W one time unit, the head ``head`` units, recompute and comm free: the slot
+    model of HELIXPIPE.md 2.4."""
+    n = len(schedule.specs)
+    one = [1.0] * n
+    one[-1] = head
+    return OpTimes(fwd=tuple(one), bwd=tuple(one), bwd_input=tuple(one), bwd_weight=tuple(one),
+                   recompute=(0.0,) * n, saved_bytes=(0.0,) * n, recompute_bytes=(0.0,) * n,
+                   out_bytes=(0.0,) * n)
+
+
+def slot_grid(schedule: Schedule, *, times: OpTimes | None = None) -> list[list[str]]:
+    """The step x rank picture of HELIXPIPE.md 2.4: ``grid[slot][rank]`` is the compute
+    instruction running in that slot (``"A1.6"``, ``"b:P8.7"``) or ``""``; zero-duration
+    instructions are left out. Default durations: :func:`unit_times`."""
+    res = simulate_times(schedule, times or unit_times(schedule))
+    T = int(math.ceil(res.iteration_time))
+    grid = [[""] * schedule.num_stages for _ in range(T)]
+    for e in res.events:
+        if e.end > e.start:
+            for t in range(int(e.start), int(math.ceil(e.end))):
+                grid[t][e.rank] = e.instr.short()
+    return grid
+
+
+def format_slot_grid(grid: Sequence[Sequence[str]]) -> str:
+    if not grid:
+        return ""
+    p = len(grid[0])
+    w = max(6, max(len(c) for row in grid for c in row))
+    lines = ["slot | " + " | ".join(f"{'stage ' + str(r):<{w}}" for r in range(p))]
+    for t, row in enumerate(grid):
+        lines.append(f"{t:4d} | " + " | ".join(f"{(c or '-'):<{w}}" for c in row))
+    return "\n".join(lines)
