@@ -6,6 +6,9 @@ from .kernels import attention as _attention  # noqa: F401  (registers torch.ops
 from .config import HelixConfig
 from .errors import CaptureError, HelixError, RuntimeFailure, ScheduleError, UnsupportedModelError
 from .program import HelixProgram, compile_program
+from .backend import register as _register_backend
+
+_register_backend()
 
 __all__ = ["CaptureError", "HelixConfig", "HelixError", "HelixProgram", "RuntimeFailure", "ScheduleError",
            "UnsupportedModelError", "compile_program"]

@@ -25,7 +25,7 @@ def _build(arch: str, dtype: torch.dtype):
     elif arch == "llama":
         m = Llama(LlamaConfig(num_layers=4))
     else:
-        m = hf_model(arch, num_layers=4)
+        m = hf_model(arch.removeprefix("hf_"), num_layers=4)
     return m.to(dtype)
 
 
@@ -37,9 +37,20 @@ def _worker(rank: int, cfg: dict) -> dict:
     model = _build(cfg["arch"], dtype)
     ref = copy.deepcopy(model)
     M = cfg["M"]
-    pipe = helix_compile(model, cfg["p"], SEQ, num_microbatches=M, num_folds=cfg["F"], schedule=cfg["schedule"],
-                         recompute=cfg["recompute"], mlp_chunks=cfg.get("mlp_chunks"), timeout=30)
-    opt = torch.optim.SGD(list(pipe.parameters()), lr=0.05)
+    if cfg.get("torch_compile"):
+        import helix_compiler  # noqa: F401  (registers the backend)
+
+        compiled = torch.compile(model, backend="helix", dynamic=True,
+                                 options=dict(num_microbatches=M, num_folds=cfg["F"], schedule=cfg["schedule"],
+                                              recompute=cfg["recompute"], timeout=30))
+        named = dict(model.named_parameters())
+        step_fn = compiled
+    else:
+        pipe = helix_compile(model, cfg["p"], SEQ, num_microbatches=M, num_folds=cfg["F"], schedule=cfg["schedule"],
+                             recompute=cfg["recompute"], mlp_chunks=cfg.get("mlp_chunks"), timeout=30)
+        named = None
+        step_fn = pipe
+    opt = torch.optim.SGD(list(model.parameters()) if named is not None else list(pipe.parameters()), lr=0.05)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     ref_loss_fn = adapt_model(ref)
     ref_params = dict(ref.named_parameters())
@@ -48,12 +59,16 @@ def _worker(rank: int, cfg: dict) -> dict:
         g = torch.Generator().manual_seed(step)
         ids = torch.randint(0, 256, (M, SEQ), generator=g)
         labels = torch.randint(0, 256, (M, SEQ), generator=g)
-        loss = pipe(ids, labels)
+        loss = step_fn(ids, labels)
         loss.backward()
         ref_loss = torch.stack([ref_loss_fn(i[None], t[None]) for i, t in zip(ids, labels)]).mean()
         ref_loss.backward()
         losses.append((float(loss), float(ref_loss)))
-        for name, p in pipe.named_parameters():
+        mine = named.items() if named is not None else pipe.named_parameters()
+        if named is not None:  # through torch.compile: this rank's parameters are those with gradients
+            mine = [(n, p) for n, p in mine if p.grad is not None]
+            assert mine, f"rank {rank}: no parameter got a gradient"
+        for name, p in mine:
             r = ref_params[name]
             assert p.grad is not None, f"rank {rank}: no gradient for {name}"
             close = torch.allclose(p.grad, r.grad, rtol=cfg["rtol"], atol=cfg["atol"])
@@ -65,7 +80,7 @@ def _worker(rank: int, cfg: dict) -> dict:
         ref_opt.step()
         opt.zero_grad()
         ref_opt.zero_grad()
-    owned = sorted(n for n, _ in pipe.named_parameters())
+    owned = sorted(n for n, _ in (pipe.named_parameters() if named is None else mine))
     return {"losses": losses, "owned": owned, "all": sorted(ref_params)}
 
 
@@ -81,6 +96,9 @@ CASES = [
     ("llama", 2, 1, 2, "gpipe", "none", F64),
     ("gpt2", 2, 2, 1, "helix", "without_attention", F64),
     ("llama", 2, 2, 1, "helix", "without_attention", F32),
+    ("hf_llama", 2, 2, 1, "helix", "without_attention", F64),
+    ("llama-mlp_chunks", 2, 2, 1, "helix", "without_attention", F64),
+    ("llama-torch_compile", 2, 2, 1, "helix", "without_attention", F64),
 ]
 
 
@@ -90,7 +108,12 @@ def test_gradient_parity(arch, p, F, mult, schedule, recompute, tol):
     from helix_compiler.runtime.launch import spawn_ranks
 
     M = p * F * mult if schedule == "helix" else max(p, 2) * mult
+    arch, _, variant = arch.partition("-")
     cfg = dict(arch=arch, p=p, F=F, M=M, schedule=schedule, recompute=recompute, **tol)
+    if variant == "mlp_chunks":
+        cfg["mlp_chunks"] = 4
+    elif variant == "torch_compile":
+        cfg["torch_compile"] = True
     results = spawn_ranks(_worker, p, cfg, timeout=240)
     for r in results:
         for pipe_loss, ref_loss in r["losses"]:

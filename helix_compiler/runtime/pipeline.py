@@ -150,7 +150,7 @@ class HelixPipeline(torch.nn.Module):
 def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_microbatches: int | None = None,
                   num_folds: int = 2, micro_batch_size: int = 1, loss_fn=None, recompute: str = "without_attention",
                   mlp_chunks: int | None = None, schedule: str = "helix", timeout: float = 60.0,
-                  record_trace: bool = False, transport=None) -> HelixPipeline:
+                  record_trace: bool = False, transport=None, example_inputs=None) -> HelixPipeline:
     """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
 
     Needs an initialized process group of ``pp_size`` ranks (``torchrun``)."""
@@ -165,5 +165,6 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
         num_microbatches = pp_size * num_folds
     program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
                               num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
-                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, loss_fn=loss_fn)
+                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, loss_fn=loss_fn,
+                              example_inputs=example_inputs)
     return HelixPipeline(program, rank=transport.rank, transport=transport, record_trace=record_trace)

@@ -1,0 +1,124 @@
+"""Front end for ``torch.compile``: turn the GraphModule Dynamo hands a backend back into an
+``nn.Module`` called as ``(input_ids, labels) -> loss``, so it takes the same export route.
+
+Dynamo lifts parameters, buffers and size symbols to graph inputs; their sources
+(``L['self']._modules['layers']._modules['0']._parameters['weight']``,
+``L['input_ids'].size()[1]``) say what each input is. The wrapper registers the user's own
+parameters under their original names and replays the graph through ``fx.Interpreter`` with
+node meta preserved, so the exported ATen nodes keep Dynamo's module stacks (which the layer
+analysis reads).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torch.fx import traceback as fx_traceback
+
+from ..errors import CaptureError
+
+_TOKEN = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
+_SIZE = re.compile(r"^L\['(\w+)'\]\.size\(\)\[(\d+)\]$")
+_INPUT = re.compile(r"^L\['(\w+)'\]$")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def graph_sources(gm: fx.GraphModule) -> list[str]:
+    """The Dynamo source name of every placeholder (read before Dynamo drops the meta)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            arg = n.meta.get("grapharg")
+            if arg is None:
+                raise CaptureError(f"placeholder {n.name} has no Dynamo source: pass the GraphModule a "
+                                   f"torch.compile backend receives, unchanged")
+            out.append(arg.source.name)
+    return out
+
+
+def attribute_path(source: str) -> str:
+    """``L['self']._modules['norm']._parameters['weight']`` -> ``norm.weight``."""
+    tokens = [a or b for a, b in _TOKEN.findall(source)]
+    return ".".join(t for t in tokens[1:] if t not in _CONTAINERS)
+
+
+def _inline_wrapped_scalars(gm: fx.GraphModule, example_inputs, sources: list[str]) -> fx.GraphModule:
+    """Under ``dynamic=True`` Dynamo passes float module attributes (``eps``, ``norm_type``) as
+    0-d tensors read back with ``.item()``; an export would see a data-dependent scalar. Such
+    attributes are constants of the model: put their values back into the graph."""
+    gm = fx.GraphModule(gm, gm.graph)  # a copy: Dynamo keeps the original
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, src, ex in zip(phs, sources, example_inputs):
+        wrapped = src.startswith("L['self']") and not re.search(r"\._(parameters|buffers)\[", src)
+        if wrapped and isinstance(ex, torch.Tensor) and ex.dim() == 0:
+            for user in list(node.users):
+                if user.op == "call_method" and user.target == "item":
+                    user.replace_all_uses_with(ex.item())
+                    gm.graph.erase_node(user)
+    gm.recompile()
+    return gm
+
+
+class DynamoModule(torch.nn.Module):
+    def __init__(self, gm: fx.GraphModule, example_inputs, sources: list[str]):
+        super().__init__()
+        gm = _inline_wrapped_scalars(gm, example_inputs, sources)
+        object.__setattr__(self, "_graph", gm)  # not a submodule: its state is ours
+        self.model = torch.nn.Module()
+        self._slots: list[tuple[str, object]] = []  # per placeholder: (kind, what)
+        names: list[str] = []
+        for src, ex in zip(sources, example_inputs):
+            if src.startswith("L['self']"):
+                path = attribute_path(src)
+                self._register(path, ex)
+                self._slots.append(("attr", "model." + path))
+            elif (m := _SIZE.match(src)) is not None:
+                self._slots.append(("size", (m.group(1), int(m.group(2)))))
+            elif (m := _INPUT.match(src)) is not None:
+                names.append(m.group(1))
+                self._slots.append(("input", m.group(1)))
+            else:
+                raise CaptureError(f"torch.compile backend 'helix': graph input {src} is neither a model "
+                                   f"attribute, a model input nor an input size")
+        if len(names) != 2:
+            raise CaptureError(
+                f"torch.compile backend 'helix' needs forward(input_ids, labels) -> loss with two distinct "
+                f"input tensors; the captured graph takes inputs {names}")
+        self.input_names = names
+
+    def _register(self, path: str, value) -> None:
+        *parents, leaf = path.split(".")
+        mod = self.model
+        for p in parents:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        if isinstance(value, torch.nn.Parameter):
+            mod.register_parameter(leaf, value)
+        elif isinstance(value, torch.Tensor):
+            mod.register_buffer(leaf, value, persistent=False)
+        else:
+            raise CaptureError(f"torch.compile backend 'helix': model attribute {path} is a "
+                               f"{type(value).__name__}, not a tensor")
+
+    def forward(self, input_ids, labels):
+        given = dict(zip(self.input_names, (input_ids, labels)))
+        args = []
+        for kind, what in self._slots:
+            if kind == "input":
+                args.append(given[what])
+            elif kind == "size":
+                args.append(given[what[0]].shape[what[1]])
+            else:
+                args.append(self.get_parameter(what) if what in dict(self.named_parameters(remove_duplicate=False))
+                            else self.get_buffer(what))
+        with fx_traceback.preserve_node_meta():
+            out = fx.Interpreter(self._graph).run(*args)
+        if isinstance(out, (tuple, list)):
+            if len(out) != 1:
+                raise CaptureError(f"torch.compile backend 'helix': the model returns {len(out)} values; "
+                                   f"it must return the loss alone")
+            out = out[0]
+        return out
