@@ -21,4 +21,24 @@ class ScheduleError(HelixError):
 
 
 class RuntimeFailure(RuntimeError):
-    """A rank failed or timed out while running a stage program."""
+    """A rank failed or timed out while running a stage program.
+
+    The optional fields say where: ``rank`` (the rank raising), ``peer`` (the other rank
+    involved, if any), ``fold`` (the fold the request was filed under) and ``waiting_for``
+    (what was being waited for, in words). They are keyword-only so ``RuntimeFailure(msg)``
+    keeps working, and the exception pickles (its ``__dict__`` travels with it)."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        rank: int | None = None,
+        peer: int | None = None,
+        fold: int | None = None,
+        waiting_for: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.peer = peer
+        self.fold = fold
+        self.waiting_for = waiting_for

@@ -118,8 +118,6 @@ class Executor:
             t0 = time.perf_counter()
             try:
                 self.dispatch[instr.op](instr)
-            except RuntimeFailure:
-                raise
             except Exception as e:
                 raise RuntimeFailure(f"rank {self.rank} failed at instruction {k} '{instr}' "
                                      f"(segment {instr.seg}, micro batch {instr.mb}): {type(e).__name__}: {e}") from e

@@ -24,8 +24,10 @@ the order the sender sends; the schedule validator guarantees that offline.
 Header check (``check=``, env ``HELIX_TRANSPORT_CHECK``). Each message carries a 512-byte
 header (magic, tensor count, shapes, dtypes, fold, tag) as a small separate message; the
 receiver compares it with what it posted and raises :class:`RuntimeFailure` naming the
-expected and actual shapes, dtypes, fold and tag. Headers are built once per distinct
-(shapes, dtypes, fold, tag) and cached.
+expected and actual shapes, dtypes, fold and tag. So the receiver must post with the same
+fold and tag as the sender (tags default to ""); a tag such as "fwd seg3 m5" then makes a
+FIFO slip show up as "expected 'fwd seg3 m5', got 'fwd seg3 m4'". Headers are built once
+per distinct (shapes, dtypes, fold, tag) and cached.
 
 * ``"header"`` (default on gloo): catches any mismatch of shape, dtype, tensor count, fold
   or tag where the sent tensor is not larger than the posted buffer. gloo itself aborts the
@@ -66,6 +68,12 @@ failures prompt instead:
   :func:`install_failure_excepthook` installs, and by a Transport that fails); every
   RuntimeFailure quotes the reports found there, so the message on rank 0 names the
   rank that failed first and why.
+
+Lifetime. A posted gloo request whose Work and buffer are freed before it completes
+corrupts the pair's matching (later messages on it never arrive). Requests therefore stay
+referenced until they are waited for, also after a failure, and a Transport garbage
+collected with pending requests hands them to a module-level list for the life of the
+process (with a warning).
 
 On NCCL, ``wait`` only orders the current CUDA stream after the transfer (no CPU block);
 timeouts are then enforced by NCCL's watchdog with the process group timeout, which
@@ -161,7 +169,7 @@ def _dtype_from_code(code: int) -> str:
 def _norm_spec(spec: Any) -> Spec:
     """``(shape, dtype)`` or anything with ``.shape`` and ``.dtype`` (a tensor, a FakeTensor,
     a spec dataclass) -> ``(tuple_of_ints, dtype)``."""
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
+    if type(spec) is tuple and len(spec) == 2 and isinstance(spec[1], torch.dtype):
         shape, dtype = spec
     else:
         try:
@@ -170,7 +178,7 @@ def _norm_spec(spec: Any) -> Spec:
             raise TypeError(
                 f"a receive spec must be (shape, dtype) or have .shape and .dtype; got {spec!r}"
             ) from None
-    return tuple(int(s) for s in shape), dtype
+    return tuple(map(int, shape)), dtype
 
 
 def _fmt_specs(specs: Sequence[Spec]) -> str:
@@ -520,6 +528,7 @@ class Transport:
         self._recv_seq = [0] * self.world_size
         self._unposted: list[list[_Op]] = [[] for _ in range(self.world_size)]  # strict mode
         self._hdr_cache: dict[Any, torch.Tensor] = {}
+        self._compact_at: dict[int, int] = {}
         self._batch: list[tuple[_Op, Any]] | None = None
         self._failed: RuntimeFailure | None = None
         self._store = _store_of(group)
@@ -536,8 +545,10 @@ class Transport:
         """Post an asynchronous send of ``tensors`` (one message) to ``dst``, filed under
         ``fold``. The tensors are kept alive until ``wait_fold(fold)`` / ``drain()``; do not
         modify them in place before that."""
-        self._alive()
-        self._check_peer(dst)
+        if self._failed is not None:
+            self._alive()
+        if dst == self.rank or not 0 <= dst < self.world_size:
+            self._check_peer(dst)
         if self._direct:
             self._post_send(list(tensors), dst, fold, tag)
             return
@@ -551,8 +562,10 @@ class Transport:
         """Post the receive of one message from ``src`` now, into fresh buffers allocated
         from ``specs`` (``(shape, dtype)`` pairs, or objects with ``.shape``/``.dtype``) on
         this transport's device; filed under ``fold``."""
-        self._alive()
-        self._check_peer(src)
+        if self._failed is not None:
+            self._alive()
+        if src == self.rank or not 0 <= src < self.world_size:
+            self._check_peer(src)
         specs = [_norm_spec(s) for s in specs]
         if self._direct:
             return self._post_recv(specs, src, fold, tag)
@@ -648,7 +661,7 @@ class Transport:
             buf = torch.empty(total, dtype=torch.uint8, device=self.device)
             if self.check != "off":
                 buf[:HEADER_BYTES].view(torch.int64).copy_(self._header(op.specs, fold, tag))
-            for t, off in zip(ts, offsets):
+            for t, off in zip(ts, offsets, strict=True):
                 n = t.numel() * t.element_size()
                 if n:
                     buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
@@ -695,7 +708,7 @@ class Transport:
                     self._enqueue(op, False, b, src, _TAG_PAYLOAD)
             else:
                 self._unposted[src].append(op)
-            self.stats.recv_bytes += sum(b.numel() * b.element_size() for b in op.keep)
+            self.stats.recv_bytes += sum(_nbytes(shape, dtype) for shape, dtype in specs)
         self.stats.recv_messages += 1
         return handle
 
@@ -730,7 +743,7 @@ class Transport:
         except RuntimeError as e:
             raise self._fail(batch[0][0], e, time.monotonic(), posting=True) from e
         if len(works) == len(batch):
-            for (op, _, header), w in zip(batch, works):
+            for (op, _, header), w in zip(batch, works, strict=True):
                 self._attach(op, w, header)
         else:  # coalesced into fewer works: every op waits for all of them
             for op, _, header in batch:
@@ -742,9 +755,12 @@ class Transport:
         if ops is None:
             self._pending[op.fold] = [op]
             return
-        if len(ops) >= 256:  # drop requests already completed through their handles
-            ops[:] = [o for o in ops if o.state == _PENDING]
         ops.append(op)
+        if len(ops) >= self._compact_at.get(op.fold, 256):
+            # drop requests already completed through their handles; the next compaction
+            # happens at twice the surviving length (amortized O(1) per request)
+            ops[:] = [o for o in ops if o.state == _PENDING]
+            self._compact_at[op.fold] = max(256, 2 * len(ops))
 
     def _header(self, specs: Sequence[Spec], fold: int, tag: str) -> torch.Tensor:
         key = (fold, tag, *specs)
@@ -762,7 +778,8 @@ class Transport:
     def _complete(self, op: _Op, deadline: float) -> None:
         if op.state == _DONE:
             return
-        self._alive()
+        if self._failed is not None:
+            self._alive()
         t0 = time.monotonic()
         try:
             if op.kind == _RECV and op.hdr_work is not None:
@@ -781,7 +798,7 @@ class Transport:
                     if not torch.equal(got, op.expected_hdr):
                         raise self._mismatch(op, got)
                 result = [buf[off:off + _nbytes(shape, dtype)].view(dtype).view(shape)
-                          for (shape, dtype), off in zip(op.specs, op.offsets)]
+                          for (shape, dtype), off in zip(op.specs, op.offsets, strict=True)]
             else:
                 result = op.keep
         finally:
@@ -845,23 +862,31 @@ class Transport:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         low = text.lower()
         waited = time.monotonic() - t0
-        what = op.describe() + (f", waiting for {part}" if part else "")
-        if "timed out" in low or "timeout" in low:
-            reason = (f"timed out after {waited:.2f} s (transport timeout {self.timeout:g} s): "
-                      f"rank {op.peer} never completed its side; it may be hung, busy, or its "
-                      f"program does not post the matching {'receive' if op.kind == _SEND else 'send'}")
+        during = f" while waiting for {part}" if part else ""
+        other_side = "receive" if op.kind == _SEND else "send"
+        if posting:
+            head = "could not be posted"
+            cause = (f"the connection to rank {op.peer} is already broken (that rank failed, "
+                     f"exited or timed out earlier)")
+        elif "timed out" in low or "timeout" in low:
+            head = (f"timed out after {waited:.2f} s{during} (transport timeout "
+                    f"{self.timeout:g} s)")
+            cause = (f"rank {op.peer} never completed its side: it may be hung, busy elsewhere, "
+                     f"or its program does not post the matching {other_side}")
         elif any(s in low for s in ("closed", "reset", "broken pipe", "connection", "socket")):
-            reason = (f"failed after {waited:.2f} s: rank {op.peer} closed its connection "
-                      f"(it crashed, raised or exited)")
+            head = f"failed after {waited:.2f} s{during}"
+            cause = f"rank {op.peer} closed its connection (it crashed, raised or exited)"
         else:
-            reason = f"failed after {waited:.2f} s"
-        verb = "posting the" if posting else "waiting for the"
-        msg = f"rank {self.rank}: {verb} {what} {reason}. Backend said: {text}"
+            head = f"failed after {waited:.2f} s{during}"
+            cause = "the backend raised"
+        what = op.describe()
+        msg = f"rank {self.rank}: {what} {head}: {cause}. Backend said: {text}"
         reports = reported_failures(store=self._store)
         if reports:
-            msg += "\nFailures reported by ranks so far (first is the likely root cause):\n  " + \
-                "\n  ".join(reports)
-        exc = RuntimeFailure(msg, rank=self.rank, peer=op.peer, fold=op.fold, waiting_for=what)
+            msg += ("\nFailures reported by ranks so far (the first is the likely root cause):"
+                    "\n  " + "\n  ".join(reports))
+        exc = RuntimeFailure(msg, rank=self.rank, peer=op.peer, fold=op.fold,
+                             waiting_for=what + (f", {part}" if part else ""))
         self._mark_failed(exc)
         return exc
 
@@ -878,13 +903,16 @@ class Transport:
         return exc
 
     def __del__(self) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending and any(op.state == _PENDING for ops in pending.values() for op in ops):
-            _GRAVEYARD.append(pending)
-            if getattr(self, "_failed", None) is None:
-                log.warning("rank %s: a Transport with pending requests was garbage collected "
-                            "without drain(); their buffers are kept alive",
-                            getattr(self, "rank", "?"))
+        try:
+            pending = getattr(self, "_pending", None)
+            if pending and any(op.state == _PENDING for ops in pending.values() for op in ops):
+                _GRAVEYARD.append(pending)
+                if getattr(self, "_failed", None) is None:
+                    log.warning("rank %s: a Transport with pending requests was garbage "
+                                "collected without drain(); their buffers are kept alive",
+                                getattr(self, "rank", "?"))
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
 
     def _mark_failed(self, exc: RuntimeFailure) -> None:
         if self._failed is None:
