@@ -113,13 +113,15 @@ def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_f
         raise
     except Exception as e:
         raise CaptureError(_explain_export_failure(model, e)) from e
+    gm = ep.module()
+    _strip_export_artifacts(gm)
+    if seq_max is None:  # export does not bound an embedding's index range: look for the table
+        seq_max = _position_table_rows(gm)
     if seq_max is not None and seq_len > seq_max:
         raise UnsupportedModelError(
             f"seq_len={seq_len} is longer than the model supports: a learned position table (or "
             f"another size-bound op) limits sequences to {seq_max} tokens; use seq_len <= {seq_max} "
             f"or enlarge the position table (e.g. GPT-2's n_positions)")
-    gm = ep.module()
-    _strip_export_artifacts(gm)
     captured = CapturedGraph(gm=gm, module=module, input_names=[n.name for n in gm.graph.nodes if n.op == "placeholder"],
                              max_seq_len=seq_max, fqn_prefix="" if module is model else "model.")
     ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -129,6 +131,17 @@ def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_f
                            f"(input_ids shape {tuple(ids.meta['val'].shape)}); the model must not branch on them")
     captured.symbols = {b_sym: B, s_sym: S}
     return captured
+
+
+def _position_table_rows(gm: fx.GraphModule) -> int | None:
+    """Rows of the smallest embedding table indexed by shape-only ids (learned positions)."""
+    from ..passes.data_independence import find_data_independent
+
+    independent = find_data_independent(gm)
+    rows = [int(n.args[0].meta["val"].shape[0]) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.embedding.default
+            and n.args[1] in independent and n.args[0] not in independent]
+    return min(rows, default=None)
 
 
 def _strip_export_artifacts(gm: fx.GraphModule) -> None:

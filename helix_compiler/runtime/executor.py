@@ -80,7 +80,7 @@ def _next_compute_is_head_backward(instrs, k: int, head: str) -> bool:
 class Executor:
     def __init__(self, rank: int, program: RankProgram, segments: list[Segment], *, transport,
                  micro_batch_size: int, seq_len: int, num_microbatches: int, loss_in_forward: bool = True,
-                 record_trace: bool = False):
+                 record_trace: bool = False, recv_lookahead: int = 2):
         self.rank = rank
         self.program = program
         self.segments = {s.name: s for s in segments}
@@ -102,9 +102,17 @@ class Executor:
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.grad_scale = 1.0
         self.record_trace = record_trace
+        # Receives are posted up to `recv_lookahead` RECVs ahead of the one being waited for (in
+        # program order, which keeps the per-pair FIFO order): gloo moves data only once a
+        # receive is posted, so this lets the next input arrive while this rank computes.
+        self.recv_lookahead = recv_lookahead
+        self._recv_at = [k for k, i in enumerate(program.instrs) if i.op == "RECV"]
+        self._recv_pos = {k: n for n, k in enumerate(self._recv_at)}
+        self._posted: dict[int, object] = {}
+        self._next_post = 0  # index into _recv_at of the next receive to post
         self.trace: list[TraceEvent] = []
         self.dispatch = {"F": self._forward, "R": self._recompute, "B": self._backward,
-                         "SEND": self._send, "RECV": self._recv, "FREE": self._free,
+                         "SEND": self._send, "FREE": self._free,
                          "I": self._unsupported, "W": self._unsupported}
 
     # -------------------------------------------------------------------------------- driving
@@ -117,7 +125,10 @@ class Executor:
             instr = instrs[k]
             t0 = time.perf_counter()
             try:
-                self.dispatch[instr.op](instr)
+                if instr.op == "RECV":
+                    self._receive(k, instr)
+                else:
+                    self.dispatch[instr.op](instr)
             except Exception as e:
                 raise RuntimeFailure(f"rank {self.rank} failed at instruction {k} '{instr}' "
                                      f"(segment {instr.seg}, micro batch {instr.mb}): {type(e).__name__}: {e}") from e
@@ -188,15 +199,26 @@ class Executor:
         store = self.state.fwd if i.value == "fwd" else self.state.bwd
         self.transport.send(store[(i.seg, i.mb)], i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
 
-    def _recv(self, i: Instr) -> None:
+    def _post(self, k: int) -> None:
+        i = self.program.instrs[k]
         specs = self.out_specs[i.seg]
         if i.value == "bwd":
             specs = [s for s in specs if s[1].is_floating_point]
-            store = self.state.bwd
-        else:
-            store = self.state.fwd
-        handle = self.transport.recv(specs, i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
-        store[(i.seg, i.mb)] = handle.wait()
+        self._posted[k] = self.transport.recv(specs, i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
+
+    def _receive(self, k: int, i: Instr) -> None:
+        # post every receive up to this one and `recv_lookahead` beyond it, in program order
+        while self._next_post < len(self._recv_at) and (
+                self._recv_at[self._next_post] <= k or self._next_post <= self._recv_pos[k] + self.recv_lookahead):
+            self._post(self._recv_at[self._next_post])
+            self._next_post += 1
+        store = self.state.bwd if i.value == "bwd" else self.state.fwd
+        store[(i.seg, i.mb)] = self._posted.pop(k).wait()
+
+    def reset(self) -> None:
+        """Start a new iteration (the receives of the last one were all consumed)."""
+        assert not self._posted, f"rank {self.rank}: {len(self._posted)} receives posted but never consumed"
+        self._next_post = 0
 
     def _free(self, i: Instr) -> None:
         {"stash": self.state.stash, "fwd": self.state.fwd, "bwd": self.state.bwd}[i.value].pop((i.seg, i.mb), None)

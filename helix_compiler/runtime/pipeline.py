@@ -105,6 +105,7 @@ class HelixPipeline(torch.nn.Module):
         ex.state.losses.clear()
         ex.grad_scale = 1.0
         ex.trace.clear()
+        ex.reset()
         if self._forward_only_first:
             ex.run(0, self._split)
             self._pending_backward = True
