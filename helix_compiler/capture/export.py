@@ -19,6 +19,7 @@ from torch.export import Dim
 from ..errors import CaptureError, HelixError, UnsupportedModelError
 from ..ir.segment import B, S
 from .adapters import adapt_model
+from .replicate import TRACED_LAYERS, find_uniform_layers, replicate_layers, truncated
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,42 @@ def _export(module, args, seq_max: int | None):
     return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
 
 
-def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_fn=None) -> CapturedGraph:
+def _export_bounded(module, example_inputs):
+    """Export; if a size-bound op limits the sequence, export says by how much: retry with it."""
+    try:
+        return _export(module, example_inputs, None), None
+    except Exception as e:
+        m = _MAX_RE.search(str(e))
+        if m is None:
+            raise
+        seq_max = int(m.group(1))
+        return _export(module, example_inputs, seq_max), seq_max
+
+
+def _export_graph(module, example_inputs, replicate: bool):
+    uniform = find_uniform_layers(module) if replicate else None
+    if uniform is not None:
+        prefix, layers = uniform
+        with truncated(layers, TRACED_LAYERS):
+            ep, seq_max = _export_bounded(module, example_inputs)
+        gm = ep.module()
+        _strip_export_artifacts(gm)
+        full = replicate_layers(gm, module, prefix, len(layers))
+        if full is not None:
+            return full, seq_max
+    ep, seq_max = _export_bounded(module, example_inputs)
+    gm = ep.module()
+    _strip_export_artifacts(gm)
+    return gm, seq_max
+
+
+def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_fn=None,
+            replicate_layers: bool = True) -> CapturedGraph:
     """Capture ``model`` (called as ``model(input_ids, labels) -> loss``, or
     ``loss_fn(model(input_ids), labels)``; Hugging Face causal LMs are adapted) as one
     ATen graph with symbolic batch and sequence sizes. ``seq_len`` is checked against the
-    longest sequence the model supports."""
+    longest sequence the model supports. ``replicate_layers``: export three blocks of a deep
+    model and copy the third (see ``replicate.py``); False exports every layer."""
     _check_positive_int("seq_len", seq_len)
     if seq_len < 2:
         raise HelixError(f"seq_len={seq_len} must be at least 2")
@@ -99,22 +131,12 @@ def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_f
     example_inputs = tuple(example_inputs)
     if len(example_inputs) != 2:
         raise HelixError(f"expected example inputs (input_ids, labels); got {len(example_inputs)} tensors")
-    seq_max = None
     try:
-        try:
-            ep = _export(module, example_inputs, None)
-        except Exception as e:  # a learned position table bounds the sequence: export says by how much
-            m = _MAX_RE.search(str(e))
-            if m is None:
-                raise
-            seq_max = int(m.group(1))
-            ep = _export(module, example_inputs, seq_max)
+        gm, seq_max = _export_graph(module, example_inputs, replicate_layers)
     except HelixError:
         raise
     except Exception as e:
         raise CaptureError(_explain_export_failure(model, e)) from e
-    gm = ep.module()
-    _strip_export_artifacts(gm)
     if seq_max is None:  # export does not bound an embedding's index range: look for the table
         seq_max = _position_table_rows(gm)
     if seq_max is not None and seq_len > seq_max:
