@@ -81,6 +81,14 @@ def _worker(rank: int, cfg: dict) -> dict:
         opt.zero_grad()
         ref_opt.zero_grad()
     owned = sorted(n for n, _ in (pipe.named_parameters() if named is None else mine))
+    if named is None:  # the gathered state dict equals the reference after two steps, original names
+        full = pipe.gather_state_dict()
+        if rank == 0:
+            assert sorted(full) == sorted(ref_params)
+            for name, value in full.items():
+                assert torch.allclose(value, ref_params[name].detach(), rtol=cfg["rtol"], atol=cfg["atol"]), name
+        else:
+            assert full is None
     return {"losses": losses, "owned": owned, "all": sorted(ref_params)}
 
 

@@ -47,7 +47,8 @@ class HelixPipeline(torch.nn.Module):
         # every rank must agree, or one would wait in the loss broadcast while another still runs
         self._forward_only_first = all(all_forward_first(p, head, final) for p in program.schedule.programs)
         self.head_rank = next(r for r, p in enumerate(program.schedule.programs) if any(i.op == "F" and i.seg == head for i in p))
-        gm_params = dict(program.captured.gm.named_parameters())
+        # canonical names: the (adapted) model's own, first name of each tied parameter
+        gm_params = dict(program.captured.module.named_parameters())
         self._owned = self._params_on(rank, gm_params)
         holders: dict[str, list[int]] = {}
         for r in range(cfg.pp_size):
@@ -72,6 +73,17 @@ class HelixPipeline(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return {fqn: p.detach() for fqn, p in self.named_parameters()}
+
+    def gather_state_dict(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
+        """The full model's parameters (original names) on rank ``dst``, None elsewhere.
+        A collective: every rank must call it."""
+        parts = self.transport.gather_objects({k: v.clone() for k, v in self.state_dict().items()}, dst=dst)
+        if parts is None:
+            return None
+        full: dict[str, torch.Tensor] = {}
+        for part in parts:
+            full.update(part)
+        return full
 
     def stage_graphs(self, rank: int | None = None) -> dict[str, torch.fx.GraphModule]:
         """The segment GraphModules that ``rank`` (default: this one) runs forward."""
