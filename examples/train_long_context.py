@@ -87,7 +87,7 @@ def main() -> None:
             (out / f"trace_rank{rank}.json").write_text(json.dumps(trace))
             if rank == 0:
                 with torch.no_grad():
-                    single = torch.stack([reference(i[None], t[None]) for i, t in zip(ids, labels)]).mean()
+                    single = torch.stack([reference(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
                 diff = abs(float(single) - losses[0])
                 print(f"step 1 loss: pipelined {losses[0]:.6f}  single process {float(single):.6f}  "
                       f"|diff| {diff:.2e}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .kernels import attention as _attention  # noqa: F401  (registers torch.ops.helix.attention)
+from .backend import register as _register_backend
 from .config import HelixConfig
 from .errors import CaptureError, HelixError, RuntimeFailure, ScheduleError, UnsupportedModelError
+from .kernels import attention as _attention  # noqa: F401  (registers torch.ops.helix.attention)
 from .program import HelixProgram, compile_program
-from .backend import register as _register_backend
 
 _register_backend()
 

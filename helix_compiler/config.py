@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import HelixError
+from .ir.schedule import SCHEDULE_KINDS as SCHEDULES
 from .ir.segment import POLICIES
-
-SCHEDULES = ("helix", "gpipe", "1f1b", "interleaved", "zb1p")
 
 
 def _positive_int(name: str, value) -> None:

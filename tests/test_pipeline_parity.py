@@ -61,7 +61,7 @@ def _worker(rank: int, cfg: dict) -> dict:
         labels = torch.randint(0, 256, (M, SEQ), generator=g)
         loss = step_fn(ids, labels)
         loss.backward()
-        ref_loss = torch.stack([ref_loss_fn(i[None], t[None]) for i, t in zip(ids, labels)]).mean()
+        ref_loss = torch.stack([ref_loss_fn(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
         ref_loss.backward()
         losses.append((float(loss), float(ref_loss)))
         mine = named.items() if named is not None else pipe.named_parameters()

@@ -69,7 +69,7 @@ def test_replicated_capture_equals_full_export(name):
     lf = lf[0] if isinstance(lf, tuple) else lf
     lr = lr[0] if isinstance(lr, tuple) else lr
     assert torch.equal(lf, lr)
-    for a, b in zip(torch.autograd.grad(lf, params), torch.autograd.grad(lr, params)):
+    for a, b in zip(torch.autograd.grad(lf, params), torch.autograd.grad(lr, params), strict=True):
         assert torch.equal(a, b)
     # every parameter the graph reads is the user's own object
     mine = {id(p) for p in model.parameters()}

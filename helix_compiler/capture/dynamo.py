@@ -50,7 +50,7 @@ def _inline_wrapped_scalars(gm: fx.GraphModule, example_inputs, sources: list[st
     attributes are constants of the model: put their values back into the graph."""
     gm = fx.GraphModule(gm, gm.graph)  # a copy: Dynamo keeps the original
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, src, ex in zip(phs, sources, example_inputs):
+    for node, src, ex in zip(phs, sources, example_inputs, strict=True):
         wrapped = src.startswith("L['self']") and not re.search(r"\._(parameters|buffers)\[", src)
         if wrapped and isinstance(ex, torch.Tensor) and ex.dim() == 0:
             for user in list(node.users):
@@ -69,7 +69,7 @@ class DynamoModule(torch.nn.Module):
         self.model = torch.nn.Module()
         self._slots: list[tuple[str, object]] = []  # per placeholder: (kind, what)
         names: list[str] = []
-        for src, ex in zip(sources, example_inputs):
+        for src, ex in zip(sources, example_inputs, strict=True):
             if src.startswith("L['self']"):
                 path = attribute_path(src)
                 self._register(path, ex)
@@ -104,7 +104,7 @@ class DynamoModule(torch.nn.Module):
                                f"{type(value).__name__}, not a tensor")
 
     def forward(self, input_ids, labels):
-        given = dict(zip(self.input_names, (input_ids, labels)))
+        given = dict(zip(self.input_names, (input_ids, labels), strict=True))
         args = []
         for kind, what in self._slots:
             if kind == "input":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+
 import torch
 import torch.fx as fx
 
@@ -84,7 +85,7 @@ def replicate_layers(gm: fx.GraphModule, root: torch.nn.Module, prefix: str, num
     if not l1 or _signature(l1, prefix, 1) != _signature(l2, prefix, 2):
         log.info("layers 1 and 2 of %s traced differently: exporting every layer", prefix)
         return None
-    corr = dict(zip(l1, l2))  # block-1 node -> block-2 node (block 2 reads block 1 as 1 reads 0)
+    corr = dict(zip(l1, l2, strict=True))  # block-1 node -> block-2 node (block 2 reads block 1 as 1 reads 0)
     last_l2 = l2[-1]
     in_l2 = set(l2)
     graph = fx.Graph()

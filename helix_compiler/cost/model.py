@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 
 from ..ir.program import Segment
-from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from ..ir.segment import POLICIES, SegmentCost
+from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 
 aten = torch.ops.aten
 HELIX_ATTENTION = torch.ops.helix.attention.default
@@ -76,7 +76,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
     chain_phs = [n for n in gm.graph.nodes if n.op == "placeholder"][: len(seg.chain_inputs)]
     requires_grad: dict[fx.Node, bool] = {}
     is_param: dict[fx.Node, bool] = {}
-    for i, n in enumerate(gm.graph.nodes):
+    for n in gm.graph.nodes:
         if n.op == "placeholder":
             val = n.meta.get("val")
             floating = isinstance(val, torch.Tensor) and val.is_floating_point()

@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 
 from ..ir import meta
-from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from ..ir.segment import B, S
+from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from . import PassResult
 
 HELIX_ATTENTION = torch.ops.helix.attention.default

@@ -104,16 +104,16 @@ def tag_layers(gm: fx.GraphModule) -> tuple[PassResult, LayerInfo]:
         node.meta[meta.ROLE] = None
 
     # attention, pre, post of each layer
-    for l, attn in enumerate(attentions, start=1):
-        if attn.meta[meta.LAYER] != l:
+    for layer, attn in enumerate(attentions, start=1):
+        if attn.meta[meta.LAYER] != layer:
             raise UnsupportedModelError(f"attention {attn.format_node()} sits in layer {attn.meta[meta.LAYER]} "
-                                        f"but is the attention number {l}: one attention per layer is required")
+                                        f"but is the attention number {layer}: one attention per layer is required")
         attn.meta[meta.ROLE] = "attn"
         for user in attn.users:
             user.meta[meta.ROLE] = "attn"
-            user.meta[meta.LAYER] = l
+            user.meta[meta.LAYER] = layer
         for a in _ancestors([attn]):
-            if a.meta[meta.LAYER] == l and not a.meta[meta.REMAT]:
+            if a.meta[meta.LAYER] == layer and not a.meta[meta.REMAT]:
                 a.meta[meta.ROLE] = "pre"
     for node in graph.nodes:
         if node.meta[meta.LAYER] is not None and node.meta[meta.ROLE] is None:

@@ -61,12 +61,13 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..errors import HelixError
+from ..ir import meta
 from . import PassResult
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-MLP_CHUNK = "helix_mlp_chunk"  # node.meta key on the replacement node
+MLP_CHUNK = meta.MLP_CHUNK  # node.meta key on the replacement node
 LINEAR = aten.linear.default
 
 

@@ -19,8 +19,8 @@ import torch
 from ..errors import HelixError
 from ..ir import meta
 from ..ir.program import Segment
-from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from ..ir.segment import POLICIES
+from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 
 HELIX_ATTENTION = torch.ops.helix.attention.default
 

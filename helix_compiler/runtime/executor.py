@@ -187,7 +187,7 @@ class Executor:
         else:
             grads = self.state.bwd.pop((i.seg, i.mb))
         outs = [o for o in st.outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
-        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         pred = self._pred(i.seg)

@@ -112,8 +112,8 @@ class HelixPipeline(torch.nn.Module):
             raise HelixError("forward() called twice without backward(): call loss.backward() first")
         c = self.config
         ex = self.executor
-        ex.inputs = [{"input_ids": i, "labels": l} for i, l in zip(input_ids.split(c.micro_batch_size),
-                                                                 labels.split(c.micro_batch_size))]
+        ex.inputs = [{"input_ids": ids, "labels": lab} for ids, lab in zip(
+            input_ids.split(c.micro_batch_size), labels.split(c.micro_batch_size), strict=True)]
         ex.state.losses.clear()
         ex.grad_scale = 1.0
         ex.trace.clear()
