@@ -85,6 +85,7 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
     config = HelixConfig(pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches, num_folds=num_folds,
                          micro_batch_size=micro_batch_size, recompute=recompute, mlp_chunks=mlp_chunks,
                          schedule=schedule, virtual_stages=virtual_stages)
+    _check_depth_early(model, pp_size)
     captured = capture(model, seq_len=seq_len, example_inputs=example_inputs, loss_fn=loss_fn)
     gm = captured.gm
     canonicalize_attention(gm)
@@ -111,6 +112,17 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
     program = HelixProgram(config=config, captured=captured, layers=layers, cuts=cuts, segments=segments)
     program.schedule = _build_schedule(program)
     return program
+
+
+def _check_depth_early(model: torch.nn.Module, pp_size: int) -> None:
+    """pp_size against the blocks of the model's layer ModuleList, before any tracing (the
+    exact layer count, from the attentions found, is checked again after tagging)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if lists:
+        depth = max(len(m) for m in lists)
+        if pp_size > depth:
+            raise HelixError(f"pp_size={pp_size} is larger than the model's {depth} layers; "
+                             f"use pp_size <= {depth}")
 
 
 def _build_schedule(program: HelixProgram):
