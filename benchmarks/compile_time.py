@@ -47,6 +47,7 @@ from helix_compiler.passes.layers import tag_layers  # noqa: E402
 from helix_compiler.passes.recompute import mark_recompute  # noqa: E402
 from helix_compiler.passes.segment import build_segments  # noqa: E402
 from helix_compiler.program import HelixProgram, _build_schedule  # noqa: E402
+from helix_compiler.reporting import cpu_model, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- compile_time:start -->", "<!-- compile_time:end -->"
@@ -62,16 +63,6 @@ class Timer:
         w, c = time.perf_counter(), time.process_time()
         yield
         self.rows.append((name, time.perf_counter() - w, time.process_time() - c))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_bytes() -> int:
@@ -130,16 +121,6 @@ def run_phases(model, *, pp_size: int, seq_len: int, micro_batch_size: int = 1,
     with timer.phase("schedule"):
         program.schedule = _build_schedule(program)
     return program
-
-
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        write_section(Path(args.out), body)
+        write_section(Path(args.out), "compile_time", body)
         print(f"\nwritten to {args.out}")
     return 0
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from helix_compiler.reporting import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -77,17 +79,6 @@ def markdown(rows: list[dict], header: str) -> str:
             lines.append(f"| {r['backend']} | {r['s']} | {r['fwd_ms']:.2f} | "
                          f"{r['fwd_tflops']:.1f} | {r['bwd_ms']:.2f} | {r['bwd_tflops']:.1f} |")
     return "\n".join(lines)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

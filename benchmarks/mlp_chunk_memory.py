@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helix_compiler.reporting import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -80,17 +82,6 @@ def fit(ns: list[int], peaks: list[int]) -> tuple[float, float]:
     mx, my = sum(xs) / len(xs), sum(peaks) / len(peaks)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, peaks, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import sympy
+
+from helix_compiler.reporting import markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +38,7 @@ from helix_compiler.lowering.baselines import valid_virtual_stages  # noqa: E402
 from helix_compiler.lowering.build import build_schedule  # noqa: E402
 from helix_compiler.sim import simulate  # noqa: E402
 
-START, END = "<!-- simulate_paper:start -->", "<!-- simulate_paper:end -->"
+START, END = markers("simulate_paper")
 
 
 def analytic_gpt_costs(num_layers: int = 32, hidden: int = 4096, heads: int = 32,
@@ -432,17 +433,6 @@ def attention_share(costs, s, dev, b=1) -> float:
     return att / (att + gemm)
 
 
-def write_benchmarks(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--costs", choices=("analytic", "traced"), default="analytic")
@@ -499,3 +489,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def write_benchmarks(path: Path, body: str) -> None:
+    write_section(path, "simulate_paper", body)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from helix_compiler.reporting import cpu_model, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -144,16 +145,6 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e6:.0f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _first_touch_ms_per_mb(mb: int = 64, reps: int = 5) -> tuple[float, float]:
     """ms per MB to fill freshly allocated memory (page faults) vs memory already touched."""
     torch.set_num_threads(1)
@@ -184,20 +175,6 @@ def make_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
-            text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text,
-                          count=1, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        text = "# Benchmarks\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 sizes, do not write BENCHMARKS.md")
@@ -221,7 +198,7 @@ def main() -> None:
     notes = (
         f"One-way time = median round trip / 2 of a ping-pong between 2 ranks (spawned, "
         f"1 thread each, gloo over loopback), {args.reps} interleaved repetitions.\n"
-        f"Machine: {os.cpu_count()} CPUs, {_cpu_model()}; torch {torch.__version__}; "
+        f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; torch {torch.__version__}; "
         f"Python {platform.python_version()}. Load average at start/end: "
         f"{load0[0]:.1f} / {load1[0]:.1f} (the machine is shared: other jobs add noise). "
         f"Run took {elapsed:.0f} s.\n"
@@ -248,7 +225,7 @@ def main() -> None:
             + "\n\n" + post)
     print("\n" + body)
     if not args.quick:
-        write_section(args.out, body)
+        write_section(args.out, "transport", body)
         print(f"\nwrote {args.out}")
 
 

@@ -25,6 +25,7 @@ class HelixConfig:
     mlp_chunks: int | None = None
     schedule: str = "helix"
     virtual_stages: int | None = None  # interleaved 1F1B only
+    head_stage: int | str | None = None  # helix only: a stage, or "auto" (least loaded by the cost model)
 
     def __post_init__(self) -> None:
         _positive_int("pp_size", self.pp_size)
@@ -40,6 +41,13 @@ class HelixConfig:
             raise HelixError(f"recompute={self.recompute!r} is not a policy; use one of {list(POLICIES)}")
         if self.schedule not in SCHEDULES:
             raise HelixError(f"schedule={self.schedule!r} is not known; use one of {list(SCHEDULES)}")
+        if self.head_stage is not None and self.schedule != "helix":
+            raise HelixError(f"head_stage={self.head_stage!r} applies to schedule='helix' only "
+                             f"(got schedule={self.schedule!r}); leave it None")
+        if self.head_stage is not None and self.head_stage != "auto" and (
+                isinstance(self.head_stage, bool) or not isinstance(self.head_stage, int)
+                or not 0 <= self.head_stage < self.pp_size):
+            raise HelixError(f"head_stage={self.head_stage!r} must be 'auto' or a stage in 0..{self.pp_size - 1}")
         if self.mlp_chunks is not None:
             _positive_int("mlp_chunks", self.mlp_chunks)
         if self.schedule == "helix" and self.num_microbatches % (self.pp_size * self.num_folds):

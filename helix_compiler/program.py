@@ -81,10 +81,10 @@ class HelixProgram:
 def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_microbatches: int | None = None,
                     num_folds: int = 2, micro_batch_size: int = 1, recompute: str = "without_attention",
                     mlp_chunks: int | None = None, schedule: str = "helix", virtual_stages: int | None = None,
-                    example_inputs=None, loss_fn=None) -> HelixProgram:
+                    head_stage: int | str | None = None, example_inputs=None, loss_fn=None) -> HelixProgram:
     config = HelixConfig(pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches, num_folds=num_folds,
                          micro_batch_size=micro_batch_size, recompute=recompute, mlp_chunks=mlp_chunks,
-                         schedule=schedule, virtual_stages=virtual_stages)
+                         schedule=schedule, virtual_stages=virtual_stages, head_stage=head_stage)
     _check_depth_early(model, pp_size)
     captured = capture(model, seq_len=seq_len, example_inputs=example_inputs, loss_fn=loss_fn)
     gm = captured.gm
@@ -132,4 +132,6 @@ def _build_schedule(program: HelixProgram):
         return None
     c = program.config
     return build_schedule(program.specs, kind=c.schedule, num_stages=c.pp_size, num_microbatches=c.num_microbatches,
-                          num_folds=c.num_folds, virtual_stages=c.virtual_stages, recompute=c.recompute)
+                          num_folds=c.num_folds, virtual_stages=c.virtual_stages, recompute=c.recompute,
+                          head_stage=c.head_stage, costs=program.costs, micro_batch_size=c.micro_batch_size,
+                          seq_len=c.seq_len)

@@ -47,7 +47,8 @@ def _worker(rank: int, cfg: dict) -> dict:
         step_fn = compiled
     else:
         pipe = helix_compile(model, cfg["p"], SEQ, num_microbatches=M, num_folds=cfg["F"], schedule=cfg["schedule"],
-                             recompute=cfg["recompute"], mlp_chunks=cfg.get("mlp_chunks"), timeout=30)
+                             recompute=cfg["recompute"], mlp_chunks=cfg.get("mlp_chunks"),
+                             head_stage=cfg.get("head_stage"), timeout=30)
         named = None
         step_fn = pipe
     opt = torch.optim.SGD(list(model.parameters()) if named is not None else list(pipe.parameters()), lr=0.05)
@@ -107,6 +108,7 @@ CASES = [
     ("hf_llama", 2, 2, 1, "helix", "without_attention", F64),
     ("llama-mlp_chunks", 2, 2, 1, "helix", "without_attention", F64),
     ("llama-torch_compile", 2, 2, 1, "helix", "without_attention", F64),
+    ("gpt-head_stage", 2, 2, 1, "helix", "without_attention", F64),  # tied head away from the embedding
 ]
 
 
@@ -122,6 +124,8 @@ def test_gradient_parity(arch, p, F, mult, schedule, recompute, tol):
         cfg["mlp_chunks"] = 4
     elif variant == "torch_compile":
         cfg["torch_compile"] = True
+    elif variant == "head_stage":
+        cfg["head_stage"] = p - 1
     results = spawn_ranks(_worker, p, cfg, timeout=240)
     for r in results:
         for pipe_loss, ref_loss in r["losses"]:

@@ -48,25 +48,23 @@ class RankState:
     losses: dict = field(default_factory=dict)  # mb -> loss value (head rank)
 
 
-def split_point(program: RankProgram, head: str, final: str) -> int:
+def split_point(program: RankProgram, head: str) -> int:
     """Index of the rank's first backward-half instruction: the first B/I/W/R, backward
     RECV, or forward of the head whose backward follows at once (HelixPipe runs the head at
-    the start of a micro batch's backward), moved before the RECVs that feed it."""
+    the start of a micro batch's backward). Receives of final hidden states stay in the
+    forward half: forward() previews the loss from them."""
     instrs = program.instrs
     for k, i in enumerate(instrs):
         head_in_bwd = i.op == "F" and i.seg == head and _next_compute_is_head_backward(instrs, k, head)
         if i.op in ("B", "I", "W", "R") or (i.op == "RECV" and i.value == "bwd") or head_in_bwd:
-            j = k
-            while j > 0 and instrs[j - 1].op == "RECV" and instrs[j - 1].value == "fwd" and instrs[j - 1].seg == final:
-                j -= 1
-            return j
+            return k
     return len(instrs)
 
 
-def all_forward_first(program: RankProgram, head: str, final: str) -> bool:
+def all_forward_first(program: RankProgram, head: str) -> bool:
     """True when no forward (but the head's) comes after the split point: the program splits
     into a forward half and a backward half (helix, GPipe), unlike 1F1B."""
-    k = split_point(program, head, final)
+    k = split_point(program, head)
     return not any(i.op == "F" and i.seg != head for i in program.instrs[k:])
 
 
@@ -79,7 +77,7 @@ def _next_compute_is_head_backward(instrs, k: int, head: str) -> bool:
 
 class Executor:
     def __init__(self, rank: int, program: RankProgram, segments: list[Segment], *, transport,
-                 micro_batch_size: int, seq_len: int, num_microbatches: int, loss_in_forward: bool = True,
+                 micro_batch_size: int, seq_len: int, num_microbatches: int,
                  record_trace: bool = False, recv_lookahead: int = 2):
         self.rank = rank
         self.program = program
@@ -87,7 +85,6 @@ class Executor:
         self.order = [s.name for s in segments]
         self.transport = transport
         self.num_microbatches = num_microbatches
-        self.loss_in_forward = loss_in_forward
         env = {B: micro_batch_size, S: seq_len}
         self.out_specs = {s.name: [(tuple(int(sympy.sympify(d).subs(env)) for d in shape), dtype)
                                    for shape, dtype in s.output_meta] for s in segments}
@@ -98,6 +95,12 @@ class Executor:
         self.head_name = segments[-1].name
         self.final_name = segments[-2].name
         self.head_here = any(i.op == "F" and i.seg == self.head_name for i in program)
+        # The head's forward proper may run at the start of a micro batch's backward (HelixPipe:
+        # no logits stash); then forward() needs a value-only pass to return the loss. Where
+        # the head runs in the forward half (GPipe, 1F1B) it gives the loss itself.
+        split = split_point(program, self.head_name)
+        self.preview_loss = any(
+            i.op == "F" and i.seg == self.head_name for i in program.instrs[split:])
         self.state = RankState()
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.grad_scale = 1.0
@@ -117,7 +120,7 @@ class Executor:
 
     # -------------------------------------------------------------------------------- driving
     def split_point(self) -> int:
-        return split_point(self.program, self.head_name, self.final_name)
+        return split_point(self.program, self.head_name)
 
     def run(self, start: int, stop: int) -> None:
         instrs = self.program.instrs
@@ -160,14 +163,12 @@ class Executor:
                 outs = self._call(seg, leaves, i.mb)
             self.state.stash[(i.seg, i.mb)] = _Stash(leaves, None, cache)
         self.state.fwd[(i.seg, i.mb)] = [o.detach() for o in outs]
-        if i.seg == self.final_name and self.loss_in_forward and self.head_here:
+        if i.seg == self.final_name and self.preview_loss:
             self._preview_loss(i.mb)
         if i.seg == self.head_name:
             self.state.losses[i.mb] = outs[0].detach().clone()
 
     def _preview_loss(self, mb: int) -> None:
-        # The head's forward proper runs at the start of the micro batch's backward (HelixPipe:
-        # no logits stash); this value-only pass makes forward() return the loss.
         head = self.segments[self.head_name]
         with torch.no_grad(), attention_replay.mode("direct"):
             (loss,) = self._call(head, self.state.fwd[(self.final_name, mb)], mb)
@@ -214,6 +215,8 @@ class Executor:
             self._next_post += 1
         store = self.state.bwd if i.value == "bwd" else self.state.fwd
         store[(i.seg, i.mb)] = self._posted.pop(k).wait()
+        if i.value == "fwd" and i.seg == self.final_name and self.preview_loss:
+            self._preview_loss(i.mb)
 
     def reset(self) -> None:
         """Start a new iteration (the receives of the last one were all consumed)."""

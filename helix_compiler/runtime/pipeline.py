@@ -30,8 +30,7 @@ class _PipelineLoss(torch.autograd.Function):
 
 
 class HelixPipeline(torch.nn.Module):
-    def __init__(self, program: HelixProgram, *, rank: int, transport, loss_in_forward: bool = True,
-                 record_trace: bool = False):
+    def __init__(self, program: HelixProgram, *, rank: int, transport, record_trace: bool = False):
         super().__init__()
         if program.schedule is None:
             raise HelixError("the program has no schedule")
@@ -40,12 +39,12 @@ class HelixPipeline(torch.nn.Module):
         self.config = cfg
         self.executor = Executor(rank, program.schedule.programs[rank], program.segments, transport=transport,
                                  micro_batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len,
-                                 num_microbatches=cfg.num_microbatches, loss_in_forward=loss_in_forward,
+                                 num_microbatches=cfg.num_microbatches,
                                  record_trace=record_trace)
         self._split = self.executor.split_point()
-        head, final = program.segments[-1].name, program.segments[-2].name
+        head = program.segments[-1].name
         # every rank must agree, or one would wait in the loss broadcast while another still runs
-        self._forward_only_first = all(all_forward_first(p, head, final) for p in program.schedule.programs)
+        self._forward_only_first = all(all_forward_first(p, head) for p in program.schedule.programs)
         self.head_rank = next(r for r, p in enumerate(program.schedule.programs) if any(i.op == "F" and i.seg == head for i in p))
         # canonical names: the (adapted) model's own, first name of each tied parameter
         gm_params = dict(program.captured.module.named_parameters())
@@ -162,7 +161,8 @@ class HelixPipeline(torch.nn.Module):
 
 def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_microbatches: int | None = None,
                   num_folds: int = 2, micro_batch_size: int = 1, loss_fn=None, recompute: str = "without_attention",
-                  mlp_chunks: int | None = None, schedule: str = "helix", timeout: float = 60.0,
+                  mlp_chunks: int | None = None, schedule: str = "helix", head_stage: int | str | None = None,
+                  timeout: float = 60.0,
                   record_trace: bool = False, transport=None, example_inputs=None) -> HelixPipeline:
     """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
 
@@ -178,6 +178,7 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
         num_microbatches = pp_size * num_folds
     program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
                               num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
-                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, loss_fn=loss_fn,
+                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, head_stage=head_stage,
+                              loss_fn=loss_fn,
                               example_inputs=example_inputs)
     return HelixPipeline(program, rank=transport.rank, transport=transport, record_trace=record_trace)
