@@ -1,0 +1,81 @@
+"""``helix``: compile a built-in model shape offline and look at the result.
+
+    helix show --model llama --layers 8 --hidden 1024 --seq-len 32768 --pp-size 4
+    helix simulate --model gpt --layers 32 --hidden 4096 --heads 32 --seq-len 131072 --pp-size 8 \\
+        --device H20 --timeline helix.png --trace helix.json
+
+Models are built on the meta device, so any size compiles without allocating weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .config import SCHEDULES
+from .ir.segment import POLICIES
+
+
+def _model(args) -> torch.nn.Module:
+    from .models import GPT, GPTConfig, Llama, LlamaConfig
+
+    with torch.device("meta"):
+        if args.model == "gpt":
+            return GPT(GPTConfig(vocab_size=args.vocab, max_seq_len=args.seq_len, num_layers=args.layers,
+                                 hidden=args.hidden, heads=args.heads))
+        return Llama(LlamaConfig(vocab_size=args.vocab, num_layers=args.layers, hidden=args.hidden, heads=args.heads,
+                                 kv_heads=args.kv_heads or args.heads, ffn=args.ffn or int(8 * args.hidden / 3)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="helix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, text in (("show", "print the segments, cuts and per-rank schedule"),
+                       ("simulate", "simulate one iteration on a device preset")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", choices=("gpt", "llama"), default="llama")
+        p.add_argument("--layers", type=int, default=8)
+        p.add_argument("--hidden", type=int, default=1024)
+        p.add_argument("--heads", type=int, default=8)
+        p.add_argument("--kv-heads", type=int, default=None)
+        p.add_argument("--ffn", type=int, default=None)
+        p.add_argument("--vocab", type=int, default=32000)
+        p.add_argument("--seq-len", type=int, default=32768)
+        p.add_argument("--pp-size", type=int, default=4)
+        p.add_argument("--microbatches", type=int, default=None)
+        p.add_argument("--folds", type=int, default=2)
+        p.add_argument("--recompute", choices=POLICIES, default="without_attention")
+        p.add_argument("--schedule", choices=SCHEDULES, default="helix")
+        if name == "simulate":
+            p.add_argument("--device", default="H20")
+            p.add_argument("--timeline", default=None, help="write a PNG timeline here")
+            p.add_argument("--trace", default=None, help="write a Chrome trace (Perfetto) here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .program import compile_program
+
+    program = compile_program(_model(args), pp_size=args.pp_size, seq_len=args.seq_len,
+                              num_microbatches=args.microbatches, num_folds=args.folds,
+                              recompute=args.recompute, schedule=args.schedule)
+    if args.command == "show":
+        print(program)
+        print(program.schedule.picture())
+        return 0
+    result = program.simulate(device=args.device)
+    print(result.summary())
+    if args.timeline:
+        result.write_timeline(args.timeline)
+        print(f"wrote {args.timeline}")
+    if args.trace:
+        result.write_chrome_trace(args.trace)
+        print(f"wrote {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
