@@ -57,14 +57,15 @@ def _worker(rank: int, cfg: dict) -> dict:
     ref_params = dict(ref.named_parameters())
     worst, losses = 0.0, []
     for step in range(2):
-        g = torch.Generator().manual_seed(step)
-        ids = torch.randint(0, 256, (M, SEQ), generator=g)
-        labels = torch.randint(0, 256, (M, SEQ), generator=g)
-        loss = step_fn(ids, labels)
-        loss.backward()
-        ref_loss = torch.stack([ref_loss_fn(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
-        ref_loss.backward()
-        losses.append((float(loss), float(ref_loss)))
+        for sub in range(2 if cfg.get("accumulate") else 1):  # gradient accumulation over calls
+            g = torch.Generator().manual_seed(10 * step + sub)
+            ids = torch.randint(0, 256, (M, SEQ), generator=g)
+            labels = torch.randint(0, 256, (M, SEQ), generator=g)
+            loss = step_fn(ids, labels)
+            loss.backward()
+            ref_loss = torch.stack([ref_loss_fn(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
+            ref_loss.backward()
+            losses.append((float(loss.detach()), float(ref_loss.detach())))
         mine = named.items() if named is not None else pipe.named_parameters()
         if named is not None:  # through torch.compile: this rank's parameters are those with gradients
             mine = [(n, p) for n, p in mine if p.grad is not None]
@@ -109,6 +110,7 @@ CASES = [
     ("llama-mlp_chunks", 2, 2, 1, "helix", "without_attention", F64),
     ("llama-torch_compile", 2, 2, 1, "helix", "without_attention", F64),
     ("gpt-head_stage", 2, 2, 1, "helix", "without_attention", F64),  # tied head away from the embedding
+    ("gpt-accumulate", 2, 1, 1, "1f1b", "none", F64),  # tied weight on two ranks, two calls per step
 ]
 
 
@@ -126,6 +128,8 @@ def test_gradient_parity(arch, p, F, mult, schedule, recompute, tol):
         cfg["torch_compile"] = True
     elif variant == "head_stage":
         cfg["head_stage"] = p - 1
+    elif variant == "accumulate":
+        cfg["accumulate"] = True
     results = spawn_ranks(_worker, p, cfg, timeout=240)
     for r in results:
         for pipe_loss, ref_loss in r["losses"]:

@@ -82,7 +82,8 @@ class Executor:
         self.rank = rank
         self.program = program
         self.segments = {s.name: s for s in segments}
-        self.order = [s.name for s in segments]
+        names = [s.name for s in segments]
+        self.pred = dict(zip(names[1:], names[:-1], strict=True))  # chain predecessor of each segment
         self.transport = transport
         self.num_microbatches = num_microbatches
         env = {B: micro_batch_size, S: seq_len}
@@ -94,7 +95,6 @@ class Executor:
                 attention_replay.install(seg.gm)
         self.head_name = segments[-1].name
         self.final_name = segments[-2].name
-        self.head_here = any(i.op == "F" and i.seg == self.head_name for i in program)
         # The head's forward proper may run at the start of a micro batch's backward (HelixPipe:
         # no logits stash); then forward() needs a value-only pass to return the loss. Where
         # the head runs in the forward half (GPipe, 1F1B) it gives the loss itself.
@@ -139,17 +139,13 @@ class Executor:
                 self.trace.append(TraceEvent(instr.op, instr.seg, instr.mb, t0, time.perf_counter()))
 
     # ---------------------------------------------------------------------------- instructions
-    def _pred(self, name: str) -> str | None:
-        idx = self.order.index(name)
-        return self.order[idx - 1] if idx > 0 else None
-
     def _call(self, seg: Segment, leaves: list, mb: int):
         user = [self.inputs[mb][n] for n in seg.user_inputs]
         return seg.gm(*leaves, *user)
 
     def _forward(self, i: Instr) -> None:
         seg = self.segments[i.seg]
-        pred = self._pred(i.seg)
+        pred = self.pred.get(i.seg)
         chain_in = self.state.fwd[(pred, i.mb)] if pred is not None else []
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in chain_in]
         part = self.recomputed.get((i.seg, i.mb))
@@ -191,7 +187,7 @@ class Executor:
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        pred = self._pred(i.seg)
+        pred = self.pred.get(i.seg)
         if pred is not None:
             self.state.bwd[(pred, i.mb)] = [
                 (x.grad if x.grad is not None else torch.zeros_like(x)) for x in st.inputs if x.is_floating_point()]

@@ -47,28 +47,29 @@ class HelixPipeline(torch.nn.Module):
         self._forward_only_first = all(all_forward_first(p, head) for p in program.schedule.programs)
         self.head_rank = next(r for r, p in enumerate(program.schedule.programs) if any(i.op == "F" and i.seg == head for i in p))
         # canonical names: the (adapted) model's own, first name of each tied parameter
-        gm_params = dict(program.captured.module.named_parameters())
-        self._owned = self._params_on(rank, gm_params)
+        self._params = dict(program.captured.module.named_parameters())
+        self._owned = self._params_on(rank)
         holders: dict[str, list[int]] = {}
         for r in range(cfg.pp_size):
-            for name in self._params_on(r, gm_params):
+            for name in self._params_on(r):
                 holders.setdefault(name, []).append(r)
+        # used on several ranks (a tied embedding and head on different stages): all-reduced
         self._shared = sorted(n for n, rs in holders.items() if len(rs) > 1)
-        self._gm_params = gm_params
         self._pending_backward = False
+        self._grad_before: dict[str, torch.Tensor | None] = {}
 
-    def _params_on(self, rank: int, gm_params) -> list[str]:
+    def _params_on(self, rank: int) -> list[str]:
         """Canonical names (first name of each parameter object) of the parameters ``rank`` uses."""
         gm = self.program.captured.gm
-        canonical = {id(p): n for n, p in gm_params.items()}
+        canonical = {id(p): n for n, p in self._params.items()}
         segs = {i.seg for i in self.program.schedule.programs[rank] if i.op == "F"}
         used = {canonical[id(gm.get_parameter(p))] for s in self.program.segments if s.name in segs for p in s.params}
-        return [n for n in gm_params if n in used]
+        return [n for n in self._params if n in used]
 
     # ------------------------------------------------------------------------ parameters
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for name in self._owned:
-            yield prefix + self.program.captured.user_fqn(name), self._gm_params[name]
+            yield prefix + self.program.captured.user_fqn(name), self._params[name]
 
     def state_dict(self, *args, **kwargs):
         return {fqn: p.detach() for fqn, p in self.named_parameters()}
@@ -117,13 +118,16 @@ class HelixPipeline(torch.nn.Module):
         ex.grad_scale = 1.0
         ex.trace.clear()
         ex.reset()
+        # shared parameters all-reduce only this step's gradient (users may accumulate)
+        self._grad_before = {n: (self._params[n].grad.clone() if self._params[n].grad is not None else None)
+                             for n in self._shared if n in self._owned}
         if self._forward_only_first:
             ex.run(0, self._split)
             self._pending_backward = True
         else:
             ex.run(0, len(ex.program.instrs))
             self._finish()
-        value = self._loss_value()
+        value = self._loss_value().to(self.program.segments[-1].output_meta[0][1])
         anchor = torch.zeros((), requires_grad=True)
         return _PipelineLoss.apply(anchor, value, self)
 
@@ -152,11 +156,15 @@ class HelixPipeline(torch.nn.Module):
         self.transport.drain()
         # parameters used on several ranks (a tied embedding/head on different stages)
         for name in self._shared:
-            p = self._gm_params[name]
-            g = p.grad if name in self._owned and p.grad is not None else torch.zeros_like(p)
-            self.transport.all_reduce_(g)
+            p = self._params[name]
+            before = self._grad_before.get(name)
+            if name in self._owned and p.grad is not None:
+                step = p.grad - before if before is not None else p.grad.clone()
+            else:
+                step = torch.zeros_like(p)
+            self.transport.all_reduce_(step)
             if name in self._owned:
-                p.grad = g
+                p.grad = step if before is None else before + step
 
 
 def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_microbatches: int | None = None,
