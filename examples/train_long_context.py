@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from helix_compiler import helix_compile
 from helix_compiler.models import Llama, LlamaConfig
 from helix_compiler.runtime.launch import init_from_env
-from helix_compiler.runtime.pipeline import helix_compile
 
 
 def parse_args():

@@ -7,8 +7,9 @@ from .config import HelixConfig
 from .errors import CaptureError, HelixError, RuntimeFailure, ScheduleError, UnsupportedModelError
 from .kernels import attention as _attention  # noqa: F401  (registers torch.ops.helix.attention)
 from .program import HelixProgram, compile_program
+from .runtime.pipeline import HelixPipeline, helix_compile
 
 _register_backend()
 
-__all__ = ["CaptureError", "HelixConfig", "HelixError", "HelixProgram", "RuntimeFailure", "ScheduleError",
-           "UnsupportedModelError", "compile_program"]
+__all__ = ["CaptureError", "HelixConfig", "HelixError", "HelixPipeline", "HelixProgram", "RuntimeFailure",
+           "ScheduleError", "UnsupportedModelError", "compile_program", "helix_compile"]
