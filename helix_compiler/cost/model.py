@@ -11,6 +11,8 @@ recompute boundaries (other policies).
 
 from __future__ import annotations
 
+import operator
+
 import sympy
 import torch
 import torch.fx as fx
@@ -61,9 +63,18 @@ def _prod(xs) -> sympy.Expr:
     return out
 
 
+def _is_view(n: fx.Node) -> bool:
+    """A view op, or one piece (getitem) of a split/chunk: it shares its input's storage."""
+    if n.op != "call_function":
+        return False
+    if n.target is operator.getitem:
+        return n.args[0].op == "call_function" and n.args[0].target in VIEWS
+    return n.target in VIEWS
+
+
 def _base(n: fx.Node) -> fx.Node:
-    while n.op == "call_function" and n.target in VIEWS or (n.op == "call_function" and n.target.__name__ == "getitem"
-                                                             and n.args[0].target in VIEWS):
+    """The node whose storage ``n`` views (saved tensors are counted once per storage)."""
+    while _is_view(n):
         n = n.args[0]
     return n
 

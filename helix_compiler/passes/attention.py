@@ -270,11 +270,11 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
             out = graph.call_function(operator.getitem, (op, 0))
         op.meta.update(nn_module_stack=result.meta.get("nn_module_stack", {}), stack_trace=result.meta.get("stack_trace"))
         op.meta[meta.ATTENTION_CAUSAL] = causal
-        qv, kv = q.meta["val"], k.meta["val"]
-        op.meta["val"] = (qv.new_empty(qv.shape), qv.new_empty(qv.shape[:3], dtype=torch.float32 if qv.dtype in (torch.float16, torch.bfloat16) else qv.dtype))
+        qv, vv = q.meta["val"], v.meta["val"]
+        lse_dtype = torch.float32 if qv.dtype in (torch.float16, torch.bfloat16) else qv.dtype
+        op.meta["val"] = (qv.new_empty((*qv.shape[:3], vv.shape[-1])), qv.new_empty(qv.shape[:3], dtype=lse_dtype))
         out.meta["val"] = op.meta["val"][0]
         out.meta["nn_module_stack"] = op.meta["nn_module_stack"]
-        del kv
         result.replace_all_uses_with(out)
         graph.erase_node(result)
         count += 1
