@@ -35,9 +35,9 @@ def parse_args():
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--microbatches", type=int, default=None, help="default: pp_size * folds")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--recompute", default="without_attention")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     return ap.parse_args()
 
 
@@ -73,8 +73,10 @@ def main() -> None:
         steps = tqdm(steps, desc=f"helix pp={world} s={args.seq_len}", unit="step")
     losses = []
     for step in steps:
-        ids = torch.randint(0, args.vocab, (M, args.seq_len), generator=gen)
-        labels = torch.roll(ids, -1, dims=1)
+        # a learnable stream: each sequence counts up from a random token, the label is the next one
+        start = torch.randint(0, args.vocab, (M, 1), generator=gen)
+        ids = (start + torch.arange(args.seq_len)) % args.vocab
+        labels = (ids + 1) % args.vocab
         loss = pipe(ids, labels)
         loss.backward()
         opt.step()
