@@ -9,15 +9,11 @@ was set before triton was imported, otherwise in a child pytest started by
 from __future__ import annotations
 
 import importlib.util
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interp_child import run_interp_tests_in_child
 
 from helix_compiler.errors import HelixError
 from helix_compiler.kernels import triton_activation as TAct
@@ -38,21 +34,7 @@ def interpret():
 
 
 def test_activation_kernels_run_in_child_process():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    if interpreting():
-        pytest.skip("the interpreter is active in this process: the interp tests ran here")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
-         "-k", "interp"], cwd=root, env=env, capture_output=True, text=True, timeout=280)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"interpreter tests failed in the child:\n{out[-6000:]}"
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= 11, f"too few interpreter tests ran:\n{out[-3000:]}"
-    assert "skipped" not in out, f"interpreter tests were skipped in the child:\n{out[-3000:]}"
+    run_interp_tests_in_child(__file__, expected_min=11)
 
 
 def _inputs(shape, dtype, n, seed=0):

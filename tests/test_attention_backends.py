@@ -15,15 +15,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from interp_child import run_interp_tests_in_child
 
 from helix_compiler.errors import HelixError
 from helix_compiler.kernels import attention as A
@@ -99,26 +95,6 @@ def interpret(no_forced_backend):
         pytest.skip("triton is not installed")
     if not TA.interpreting():
         pytest.skip("runs in the TRITON_INTERPRET=1 child (test_triton_kernels_run_in_child_process)")
-
-
-def run_interp_tests_in_child(test_file: str, expected_min: int) -> None:
-    """Run this file's ``interp`` tests in a child pytest with TRITON_INTERPRET=1 from the start."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    if TA.interpreting():
-        pytest.skip("the interpreter is active in this process: the interp tests ran here")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    env.pop(A.ENV_VAR, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test_file,
-         "-k", "interp"], cwd=root, env=env, capture_output=True, text=True, timeout=280)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"interpreter tests failed in the child:\n{out[-6000:]}"
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= expected_min, f"too few interpreter tests ran:\n{out[-3000:]}"
-    assert "skipped" not in out, f"interpreter tests were skipped in the child:\n{out[-3000:]}"
 
 
 # --- Triton (interpreter) ------------------------------------------------------------------------

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from interp_child import run_interp_tests_in_child
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helix_compiler.errors import HelixError
@@ -329,20 +325,7 @@ def test_interp_triton_activation_in_chunks(kind):
 
 
 def test_triton_chunks_in_child_process():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if interpreting():
-        pytest.skip("the interpreter is active in this process: the interp tests ran here")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
-         "-k", "interp"], cwd=root, env=env, capture_output=True, text=True, timeout=280)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"interpreter tests failed in the child:\n{out[-6000:]}"
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= 2 and "skipped" not in out, out[-3000:]
+    run_interp_tests_in_child(__file__, expected_min=2)
 
 
 @pytest.mark.gpu
