@@ -13,33 +13,17 @@ ops elsewhere; ``backend="triton"`` forces the kernels (on CPU only under
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import HelixError
-from .triton_attention import interpreting, triton_importable
+from .triton_attention import interpreting, lazily_jitted, triton_importable
 
 _BLOCK = 1024
-_JITTED: dict[bool, SimpleNamespace] = {}
-
-
-def _kernels() -> SimpleNamespace:
-    interp = interpreting()
-    ns = _JITTED.get(interp)
-    if ns is None:
-        import triton
-
-        from . import _triton_activation_kernels as src
-
-        ns = SimpleNamespace(gelu_fwd=triton.jit(src.bias_gelu_fwd_kernel),
-                             gelu_bwd=triton.jit(src.bias_gelu_bwd_kernel),
-                             silu_fwd=triton.jit(src.silu_mul_fwd_kernel),
-                             silu_bwd=triton.jit(src.silu_mul_bwd_kernel))
-        _JITTED[interp] = ns
-    return ns
+_kernels = lazily_jitted("._triton_activation_kernels", gelu_fwd="bias_gelu_fwd_kernel",
+                         gelu_bwd="bias_gelu_bwd_kernel", silu_fwd="silu_mul_fwd_kernel",
+                         silu_bwd="silu_mul_bwd_kernel")
 
 
 def triton_usable(t: Tensor) -> bool:

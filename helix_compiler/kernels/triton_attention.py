@@ -15,10 +15,12 @@ that setting, so importing this module never fixes the mode.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -59,23 +61,27 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_JITTED: dict[bool, SimpleNamespace] = {}
+def lazily_jitted(source: str, **kernels: str) -> Callable[[], SimpleNamespace]:
+    """``triton.jit`` the named functions of module ``source`` on first use, once per mode
+    (compiled or interpreted: the two cannot share wrapped functions)."""
+    cache: dict[bool, SimpleNamespace] = {}
+
+    def get() -> SimpleNamespace:
+        interp = interpreting()
+        ns = cache.get(interp)
+        if ns is None:
+            import triton
+
+            src = importlib.import_module(source, __package__)
+            ns = SimpleNamespace(**{name: triton.jit(getattr(src, fn)) for name, fn in kernels.items()})
+            cache[interp] = ns
+        return ns
+
+    return get
 
 
-def _kernels() -> SimpleNamespace:
-    interp = interpreting()
-    ns = _JITTED.get(interp)
-    if ns is None:
-        import triton
-
-        from . import _triton_attention_kernels as src
-
-        ns = SimpleNamespace(fwd=triton.jit(src.attn_fwd_kernel),
-                             pre=triton.jit(src.attn_bwd_preprocess_kernel),
-                             dkdv=triton.jit(src.attn_bwd_dkdv_kernel),
-                             dq=triton.jit(src.attn_bwd_dq_kernel))
-        _JITTED[interp] = ns
-    return ns
+_kernels = lazily_jitted("._triton_attention_kernels", fwd="attn_fwd_kernel", pre="attn_bwd_preprocess_kernel",
+                         dkdv="attn_bwd_dkdv_kernel", dq="attn_bwd_dq_kernel")
 
 
 @dataclass(frozen=True)
