@@ -82,14 +82,6 @@ def run_backend(forward, backward, q, k, v, dout, causal, scale):
 
 
 @pytest.fixture
-def no_forced_backend(monkeypatch):
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
-    A.set_attention_backend(None)
-    yield
-    A.set_attention_backend(None)
-
-
-@pytest.fixture
 def interpret(no_forced_backend):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
@@ -327,33 +319,3 @@ def test_interp_forcing_backend_with_unsupported_dtype_raises(interpret):
 
 
 # --- GPU ---------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("backend", ["aten", "flash_attn", "triton"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_backends_match_reference(no_forced_backend, backend, dtype, d, causal):
-    cuda = torch.device("cuda")
-    be = A.BACKENDS[backend]
-    reason = be.reason_unusable(cuda, dtype, d)
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    q, k, v, dout = make_inputs(2, 8, 2, 300, 300, d, dtype, seed=5)
-    q, k, v, dout = (x.cuda() for x in (q, k, v, dout))
-    got = run_backend(be.forward, be.backward, q, k, v, dout, causal, d ** -0.5)
-    want = reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), causal, d ** -0.5)
-    # fp32 through tensor cores (efficient op) may use tf32-free math; keep fp16-level slack.
-    tol_dtype = torch.float16 if dtype == torch.float32 else dtype
-    assert_matches([x.cpu() for x in got], want, tol_dtype, f"{backend} cuda {dtype} d={d}")
-
-
-@pytest.mark.gpu
-@requires_cuda
-def test_cuda_op_autograd_default_backend(no_forced_backend):
-    q, k, v, dout = (x.cuda() for x in make_inputs(1, 4, 4, 129, 129, 64, torch.bfloat16))
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out, lse = torch.ops.helix.attention(q, k, v, causal=True, scale=0.125)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    want = reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), True, 0.125)
-    assert_matches([x.cpu() for x in (out, lse, *grads)], want, torch.bfloat16, "cuda default")

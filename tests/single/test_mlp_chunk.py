@@ -327,12 +327,3 @@ def test_interp_triton_activation_in_chunks(kind):
 def test_triton_chunks_in_child_process():
     run_interp_tests_in_child(__file__, expected_min=2)
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["gpt", "llama"])
-def test_cuda_fused_activation_in_chunks(kind):
-    ref, x = exported(kind, torch.float32)
-    gm, _ = exported(kind, torch.float32)
-    chunk_mlp(gm, num_chunks=3)  # activation_backend=None: Triton on CUDA
-    assert_same(ref.cuda(), gm.cuda(), x.cuda(), bitwise=False, param_rtol=2e-5)

@@ -1,0 +1,72 @@
+"""CUDA paths: attention backends, fused activations and chunked MLP on a GPU (skipped
+without one). The CPU twins of these tests, and the helpers they share, live in
+``tests/single``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_activation_kernels import _close, _inputs
+from test_attention_backends import assert_matches, make_inputs, reference, run_backend
+from test_mlp_chunk import assert_same, exported
+
+from helix_compiler.kernels import attention as A
+from helix_compiler.kernels import triton_activation as TAct
+from helix_compiler.passes.mlp_chunk import chunk_mlp
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("backend", ["aten", "flash_attn", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_backends_match_reference(no_forced_backend, backend, dtype, d, causal):
+    cuda = torch.device("cuda")
+    be = A.BACKENDS[backend]
+    reason = be.reason_unusable(cuda, dtype, d)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    q, k, v, dout = make_inputs(2, 8, 2, 300, 300, d, dtype, seed=5)
+    q, k, v, dout = (x.cuda() for x in (q, k, v, dout))
+    got = run_backend(be.forward, be.backward, q, k, v, dout, causal, d ** -0.5)
+    want = reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), causal, d ** -0.5)
+    # fp32 through tensor cores (efficient op) may use tf32-free math; keep fp16-level slack.
+    tol_dtype = torch.float16 if dtype == torch.float32 else dtype
+    assert_matches([x.cpu() for x in got], want, tol_dtype, f"{backend} cuda {dtype} d={d}")
+
+
+def test_cuda_op_autograd_default_backend(no_forced_backend):
+    q, k, v, dout = (x.cuda() for x in make_inputs(1, 4, 4, 129, 129, 64, torch.bfloat16))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = torch.ops.helix.attention(q, k, v, causal=True, scale=0.125)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), True, 0.125)
+    assert_matches([x.cpu() for x in (out, lse, *grads)], want, torch.bfloat16, "cuda default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_activations_match_torch(dtype):
+    x, dy = (t.detach().cuda().requires_grad_() for t in _inputs((4, 1000, 257), dtype, 2))
+    b = torch.randn(257, device="cuda", dtype=dtype, requires_grad=True)
+    assert TAct.resolve_backend(x, None) == "triton"
+    for approximate in ("tanh", "none"):
+        y = TAct.bias_gelu(x, b, approximate)
+        y_ref = F.gelu(x.double() + b.double(), approximate=approximate)
+        _close(y, y_ref, dtype, f"cuda gelu[{approximate}]")
+        gx, gb = torch.autograd.grad(y, (x, b), dy)
+        rx, rb = torch.autograd.grad(y_ref, (x, b), dy.double())
+        _close(gx, rx, dtype, "cuda gelu dx")
+    y = TAct.silu_mul(x, dy)
+    _close(y, F.silu(x.double()) * dy.double(), dtype, "cuda silu*up")
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_cuda_fused_activation_in_chunks(kind):
+    ref, x = exported(kind, torch.float32)
+    gm, _ = exported(kind, torch.float32)
+    chunk_mlp(gm, num_chunks=3)  # activation_backend=None: Triton on CUDA
+    assert_same(ref.cuda(), gm.cuda(), x.cuda(), bitwise=False, param_rtol=2e-5)
+
