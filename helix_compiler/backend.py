@@ -15,7 +15,7 @@ from .errors import HelixError
 
 
 def helix_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
-    from .runtime.pipeline import helix_compile
+    from .compile import helix_compile
     from .runtime.transport import Transport
 
     opts = dict(options or {})

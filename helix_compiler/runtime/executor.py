@@ -1,27 +1,36 @@
-"""The per-rank interpreter: a dispatch table over instruction kinds.
+"""The per-rank interpreter of a :class:`~helix_compiler.ir.stage_program.StageProgram`: a
+dispatch table over instruction kinds.
 
-It never builds instructions: it runs a rank's program as the schedule gives it. Values are
-keyed by (segment, micro batch): ``fwd`` holds a segment's outputs (computed here or
-received), ``bwd`` the gradients of a segment's outputs (computed here by the next segment's
-backward, or received), ``stash`` what a forward keeps for its backward. Every segment runs
-on detached leaf inputs, so a backward is one ``torch.autograd.backward`` over the segment's
-outputs and yields the gradients of its inputs for the previous segment: a local hand-over
-and a network hop look the same.
+It never builds instructions and never rewrites graphs: it runs what lowering produced.
+Values are keyed by (segment, micro batch): ``fwd`` holds a segment's outputs (computed here
+or received), ``bwd`` the gradients of a segment's outputs, ``stash`` what a forward keeps
+for its backward. Every segment runs on detached leaf inputs, so a backward is one
+``torch.autograd.backward`` over the segment's outputs and yields the gradients of its
+inputs for the previous segment: a local hand-over and a network hop look the same.
+
+Memory is what the schedule says: a buffer lives from the instruction that makes it to its
+FREE; a sent buffer stays referenced by the transport only until its send completes.
+Randomness: a segment with random ops (dropout) records the RNG state of its forward and
+restores it for every rerun (recompute, the head's loss preview), as
+``torch.utils.checkpoint`` does, so the gradient is that of the returned loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import sympy
 import torch
 
 from ..errors import RuntimeFailure
-from ..ir.program import Segment
-from ..ir.schedule import Instr, RankProgram
-from ..ir.segment import B, S
-from . import attention_replay
+from ..ir.schedule import Instr
+from ..ir.stage_program import StageProgram, StageSegment
+from ..kernels import attention_replay
+
+# hook(instr, start, end): called after every instruction with perf_counter times
+InstrHook = Callable[[Instr, float, float], None]
 
 
 @dataclass
@@ -29,6 +38,7 @@ class _Stash:
     inputs: list[torch.Tensor]
     outputs: tuple | None = None
     attention: list | None = None  # recorded (out, lse) for replay
+    rng: tuple | None = None  # RNG state the forward ran with (segments with dropout)
 
 
 @dataclass
@@ -46,148 +56,178 @@ class RankState:
     bwd: dict = field(default_factory=dict)
     stash: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)  # mb -> loss value (head rank)
+    preview_rng: dict = field(default_factory=dict)  # mb -> RNG state of the head's preview
+
+    def clear(self) -> None:
+        for d in (self.fwd, self.bwd, self.stash, self.losses, self.preview_rng):
+            d.clear()
 
 
-def split_point(program: RankProgram, head: str) -> int:
-    """Index of the rank's first backward-half instruction: the first B/I/W/R, backward
-    RECV, or forward of the head whose backward follows at once (HelixPipe runs the head at
-    the start of a micro batch's backward). Receives of final hidden states stay in the
-    forward half: forward() previews the loss from them."""
-    instrs = program.instrs
-    for k, i in enumerate(instrs):
-        head_in_bwd = i.op == "F" and i.seg == head and _next_compute_is_head_backward(instrs, k, head)
-        if i.op in ("B", "I", "W", "R") or (i.op == "RECV" and i.value == "bwd") or head_in_bwd:
-            return k
-    return len(instrs)
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
 
 
-def all_forward_first(program: RankProgram, head: str) -> bool:
-    """True when no forward (but the head's) comes after the split point: the program splits
-    into a forward half and a backward half (helix, GPipe), unlike 1F1B."""
-    k = split_point(program, head)
-    return not any(i.op == "F" and i.seg != head for i in program.instrs[k:])
-
-
-def _next_compute_is_head_backward(instrs, k: int, head: str) -> bool:
-    for i in instrs[k + 1:]:
-        if i.is_compute:
-            return i.op == "B" and i.seg == head
-    return False
+@contextlib.contextmanager
+def _replaying_rng(state: tuple | None, device: torch.device):
+    """Run with ``state`` as the RNG state, leaving the surrounding stream untouched."""
+    if state is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 class Executor:
-    def __init__(self, rank: int, program: RankProgram, segments: list[Segment], *, transport,
-                 micro_batch_size: int, seq_len: int, num_microbatches: int,
+    def __init__(self, program: StageProgram, *, transport, hooks: Sequence[InstrHook] = (),
                  record_trace: bool = False, recv_lookahead: int = 2):
-        self.rank = rank
         self.program = program
-        self.segments = {s.name: s for s in segments}
-        names = [s.name for s in segments]
-        self.pred = dict(zip(names[1:], names[:-1], strict=True))  # chain predecessor of each segment
+        self.rank = program.rank
         self.transport = transport
-        self.num_microbatches = num_microbatches
-        env = {B: micro_batch_size, S: seq_len}
-        self.out_specs = {s.name: [(tuple(int(sympy.sympify(d).subs(env)) for d in shape), dtype)
-                                   for shape, dtype in s.output_meta] for s in segments}
-        self.recomputed = {(i.seg, i.mb): i.part for i in program if i.op == "R"}
-        for seg in segments:
-            if seg.spec.kind == "attn":
-                attention_replay.install(seg.gm)
-        self.head_name = segments[-1].name
-        self.final_name = segments[-2].name
-        # The head's forward proper may run at the start of a micro batch's backward (HelixPipe:
-        # no logits stash); then forward() needs a value-only pass to return the loss. Where
-        # the head runs in the forward half (GPipe, 1F1B) it gives the loss itself.
-        split = split_point(program, self.head_name)
-        self.preview_loss = any(
-            i.op == "F" and i.seg == self.head_name for i in program.instrs[split:])
+        self.device = getattr(transport, "device", torch.device("cpu"))
+        self.hooks = list(hooks)
+        self.trace: list[TraceEvent] = []
+        if record_trace:
+            self.hooks.append(lambda i, t0, t1: self.trace.append(TraceEvent(i.op, i.seg, i.mb, t0, t1))
+                              if i.is_compute else None)
+        self.recomputed = {(i.seg, i.mb): i.part for i in program.instrs if i.op == "R"}
         self.state = RankState()
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.grad_scale = 1.0
-        self.record_trace = record_trace
+        self.training = True
+        self.forward_only = False
         # Receives are posted up to `recv_lookahead` RECVs ahead of the one being waited for (in
         # program order, which keeps the per-pair FIFO order): gloo moves data only once a
         # receive is posted, so this lets the next input arrive while this rank computes.
         self.recv_lookahead = recv_lookahead
-        self._recv_at = [k for k, i in enumerate(program.instrs) if i.op == "RECV"]
-        self._recv_pos = {k: n for n, k in enumerate(self._recv_at)}
+        self._instrs: tuple[Instr, ...] = program.instrs
+        self._recv_at: list[int] = []
+        self._recv_pos: dict[int, int] = {}
         self._posted: dict[int, object] = {}
-        self._next_post = 0  # index into _recv_at of the next receive to post
-        self.trace: list[TraceEvent] = []
+        self._next_post = 0
         self.dispatch = {"F": self._forward, "R": self._recompute, "B": self._backward,
-                         "SEND": self._send, "FREE": self._free,
-                         "I": self._unsupported, "W": self._unsupported}
+                         "SEND": self._send, "RECV": self._receive, "FREE": self._free}
 
     # -------------------------------------------------------------------------------- driving
-    def split_point(self) -> int:
-        return split_point(self.program, self.head_name)
+    def begin(self, inputs: list[dict[str, torch.Tensor]], *, forward_only: bool = False,
+              grad_scale: float = 1.0) -> None:
+        """Start a step over ``inputs`` (one dict of user inputs per micro batch)."""
+        self.state.clear()
+        self.trace.clear()
+        self.inputs = inputs
+        self.grad_scale = grad_scale
+        self.forward_only = forward_only
+        self._instrs = self.program.forward_only if forward_only else self.program.instrs
+        self._recv_at = [k for k, i in enumerate(self._instrs) if i.op == "RECV"]
+        self._recv_pos = {k: n for n, k in enumerate(self._recv_at)}
+        self._posted.clear()
+        self._next_post = 0
 
     def run(self, start: int, stop: int) -> None:
-        instrs = self.program.instrs
+        instrs = self._instrs
         for k in range(start, stop):
             instr = instrs[k]
             t0 = time.perf_counter()
             try:
-                if instr.op == "RECV":
-                    self._receive(k, instr)
-                else:
-                    self.dispatch[instr.op](instr)
+                with torch.profiler.record_function(str(instr)):
+                    if instr.op == "RECV":
+                        self._receive(k, instr)
+                    else:
+                        self.dispatch[instr.op](instr)
             except Exception as e:
-                raise RuntimeFailure(f"rank {self.rank} failed at instruction {k} '{instr}' "
-                                     f"(segment {instr.seg}, micro batch {instr.mb}): {type(e).__name__}: {e}") from e
-            if self.record_trace and instr.is_compute:
-                self.trace.append(TraceEvent(instr.op, instr.seg, instr.mb, t0, time.perf_counter()))
+                where = f"instruction {k} '{instr}' (segment {instr.seg}, micro batch {instr.mb})"
+                if isinstance(e, RuntimeFailure) and f"rank {self.rank} failed at" in str(e):
+                    raise
+                raise RuntimeFailure(f"rank {self.rank} failed at {where}: {type(e).__name__}: {e}",
+                                     rank=self.rank, peer=getattr(e, "peer", None),
+                                     fold=getattr(e, "fold", instr.fold),
+                                     waiting_for=getattr(e, "waiting_for", None) or str(instr)) from e
+            t1 = time.perf_counter()
+            for hook in self.hooks:
+                hook(instr, t0, t1)
+
+    @property
+    def num_instrs(self) -> int:
+        return len(self._instrs)
 
     # ---------------------------------------------------------------------------- instructions
-    def _call(self, seg: Segment, leaves: list, mb: int):
+    def _gm(self, seg: StageSegment):
+        return seg.gm if self.training else seg.eval_gm
+
+    def _call(self, seg: StageSegment, leaves: list, mb: int):
         user = [self.inputs[mb][n] for n in seg.user_inputs]
-        return seg.gm(*leaves, *user)
+        return self._gm(seg)(*leaves, *user)
+
+    def _rng(self, seg: StageSegment) -> tuple | None:
+        return _rng_state(self.device) if seg.uses_rng and self.training else None
 
     def _forward(self, i: Instr) -> None:
-        seg = self.segments[i.seg]
-        pred = self.pred.get(i.seg)
+        seg = self.program.segments[i.seg]
+        pred = self.program.pred(i.seg)
         chain_in = self.state.fwd[(pred, i.mb)] if pred is not None else []
+        if self.forward_only:  # evaluation: nothing is stashed
+            with torch.no_grad(), attention_replay.mode("direct"):
+                self._outputs(i, self._call(seg, list(chain_in), i.mb))
+            return
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in chain_in]
         part = self.recomputed.get((i.seg, i.mb))
-        if part is None:
-            with torch.enable_grad():
-                outs = self._call(seg, leaves, i.mb)
-            self.state.stash[(i.seg, i.mb)] = _Stash(leaves, outs)
-        else:
-            cache: list = []
-            with torch.no_grad(), attention_replay.mode("record" if part == "pre" else "direct", cache):
-                outs = self._call(seg, leaves, i.mb)
-            self.state.stash[(i.seg, i.mb)] = _Stash(leaves, None, cache)
+        # the head's real forward reuses the RNG state of the loss preview forward() returned
+        replay = self.state.preview_rng.pop(i.mb, None) if i.seg == self.program.head else None
+        rng = replay if replay is not None else self._rng(seg)
+        with _replaying_rng(replay, self.device):
+            if part is None:
+                with torch.enable_grad():
+                    outs = self._call(seg, leaves, i.mb)
+                self.state.stash[(i.seg, i.mb)] = _Stash(leaves, outs, rng=rng)
+            else:
+                cache: list = []
+                with torch.no_grad(), attention_replay.mode("record" if part == "pre" else "direct", cache):
+                    outs = self._call(seg, leaves, i.mb)
+                self.state.stash[(i.seg, i.mb)] = _Stash(leaves, None, cache, rng=rng)
+        self._outputs(i, outs)
+
+    def _outputs(self, i: Instr, outs) -> None:
         self.state.fwd[(i.seg, i.mb)] = [o.detach() for o in outs]
-        if i.seg == self.final_name and self.preview_loss:
+        if i.seg == self.program.final and self.program.preview_loss and not self.forward_only:
             self._preview_loss(i.mb)
-        if i.seg == self.head_name:
+        if i.seg == self.program.head:
             self.state.losses[i.mb] = outs[0].detach().clone()
 
     def _preview_loss(self, mb: int) -> None:
-        head = self.segments[self.head_name]
-        with torch.no_grad(), attention_replay.mode("direct"):
-            (loss,) = self._call(head, self.state.fwd[(self.final_name, mb)], mb)
+        """The head's loss in the forward half (its real forward runs at the start of the
+        micro batch's backward, HelixPipe's order): a no-grad pass whose RNG state the real
+        forward reuses, so the returned loss is the one differentiated."""
+        head = self.program.segments[self.program.head]
+        rng = self._rng(head)
+        if rng is not None:
+            self.state.preview_rng[mb] = rng
+        with torch.no_grad(), attention_replay.mode("direct"), _replaying_rng(rng, self.device):
+            (loss,) = self._call(head, self.state.fwd[(self.program.final, mb)], mb)
         self.state.losses[mb] = loss.detach().clone()
 
     def _recompute(self, i: Instr) -> None:
-        seg = self.segments[i.seg]
+        seg = self.program.segments[i.seg]
         st = self.state.stash[(i.seg, i.mb)]
-        with torch.enable_grad(), attention_replay.mode("replay" if i.part == "pre" else "direct", st.attention):
+        with torch.enable_grad(), _replaying_rng(st.rng, self.device), \
+                attention_replay.mode("replay" if i.part == "pre" else "direct", st.attention):
             st.outputs = self._call(seg, st.inputs, i.mb)
         st.attention = None
 
     def _backward(self, i: Instr) -> None:
         st = self.state.stash.pop((i.seg, i.mb))
-        if i.seg == self.head_name:
-            grads = [torch.full_like(st.outputs[0], self.grad_scale / self.num_microbatches)]
+        if i.seg == self.program.head:
+            grads = [torch.full_like(st.outputs[0], self.grad_scale / self.program.num_microbatches)]
         else:
             grads = self.state.bwd.pop((i.seg, i.mb))
         outs = [o for o in st.outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        pred = self.pred.get(i.seg)
+        pred = self.program.pred(i.seg)
         if pred is not None:
             self.state.bwd[(pred, i.mb)] = [
                 (x.grad if x.grad is not None else torch.zeros_like(x)) for x in st.inputs if x.is_floating_point()]
@@ -197,10 +237,8 @@ class Executor:
         self.transport.send(store[(i.seg, i.mb)], i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
 
     def _post(self, k: int) -> None:
-        i = self.program.instrs[k]
-        specs = self.out_specs[i.seg]
-        if i.value == "bwd":
-            specs = [s for s in specs if s[1].is_floating_point]
+        i = self._instrs[k]
+        specs = self.program.recv_specs[(i.value, i.seg)]
         self._posted[k] = self.transport.recv(specs, i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
 
     def _receive(self, k: int, i: Instr) -> None:
@@ -211,16 +249,32 @@ class Executor:
             self._next_post += 1
         store = self.state.bwd if i.value == "bwd" else self.state.fwd
         store[(i.seg, i.mb)] = self._posted.pop(k).wait()
-        if i.value == "fwd" and i.seg == self.final_name and self.preview_loss:
+        if (i.value == "fwd" and i.seg == self.program.final and self.program.preview_loss
+                and not self.forward_only):
             self._preview_loss(i.mb)
-
-    def reset(self) -> None:
-        """Start a new iteration (the receives of the last one were all consumed)."""
-        assert not self._posted, f"rank {self.rank}: {len(self._posted)} receives posted but never consumed"
-        self._next_post = 0
 
     def _free(self, i: Instr) -> None:
         {"stash": self.state.stash, "fwd": self.state.fwd, "bwd": self.state.bwd}[i.value].pop((i.seg, i.mb), None)
 
-    def _unsupported(self, i: Instr) -> None:
-        raise RuntimeFailure(f"instruction {i} (split backward) is simulated only; run zb1p in the simulator")
+    def live_bytes(self) -> int:
+        """Bytes of the tensors this rank's buffers hold now (fwd, bwd, stash), counting a
+        storage once."""
+        seen: set[int] = set()
+        total = 0
+
+        def add(t):
+            nonlocal total
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+
+        for d in (self.state.fwd, self.state.bwd):
+            for ts in d.values():
+                for t in ts:
+                    add(t)
+        for st in self.state.stash.values():
+            for t in (*st.inputs, *(st.outputs or ()), *(x for pair in (st.attention or ()) for x in pair)):
+                add(t)
+        return total

@@ -1,20 +1,28 @@
-"""``helix_compile``: the compiled program as an ``nn.Module`` on one rank of a process group.
+"""``HelixPipeline``: one rank's :class:`StageProgram` as an ``nn.Module``.
 
-``loss = pipe(input_ids, labels)`` runs the forward half of this rank's schedule over all micro
-batches and returns the mean micro-batch loss (the same value on every rank);
+``loss = pipe(input_ids, labels)`` runs the forward half of this rank's program over all
+micro batches and returns the mean micro-batch loss (the same value on every rank);
 ``loss.backward()`` runs the backward half (first in, last out). Schedules that interleave
 forward and backward (1F1B) run the whole step in ``forward`` and ``backward`` only returns.
-The loss is the mean over micro batches of the model's own loss, which equals the full-batch
-loss when every micro batch has the same number of counted tokens.
+Under ``torch.no_grad()`` a call runs the forward-only program: nothing is stashed, no
+backward is pending, and training can go on afterwards. ``pipe.train()`` / ``pipe.eval()``
+switch dropout on and off.
+
+Trust: every input is checked on every rank before the first message (type, dtype, device,
+shape, token and label ranges), so all ranks raise together; the ranks agree on a hash of the
+batch before any message (``check_batch``); a step that fails part-way leaves the pipeline
+broken, and every later call says so instead of running on a half-finished state.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import HelixError
-from ..program import HelixProgram, compile_program
-from .executor import Executor, all_forward_first
+from ..errors import HelixError, RuntimeFailure
+from ..ir.schedule import Schedule
+from ..ir.stage_program import StageProgram
+from .executor import Executor, InstrHook
+from .fingerprint import agree, tensor_hash
 
 
 class _PipelineLoss(torch.autograd.Function):
@@ -30,46 +38,25 @@ class _PipelineLoss(torch.autograd.Function):
 
 
 class HelixPipeline(torch.nn.Module):
-    def __init__(self, program: HelixProgram, *, rank: int, transport, record_trace: bool = False):
+    def __init__(self, stages: tuple[StageProgram, ...], *, rank: int, transport, schedule: Schedule | None = None,
+                 hooks: tuple[InstrHook, ...] = (), record_trace: bool = False, check_batch: bool = True):
         super().__init__()
-        if program.schedule is None:
-            raise HelixError("the program has no schedule")
-        cfg = program.config
-        self.program, self.rank, self.transport = program, rank, transport
-        self.config = cfg
-        self.executor = Executor(rank, program.schedule.programs[rank], program.segments, transport=transport,
-                                 micro_batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len,
-                                 num_microbatches=cfg.num_microbatches,
-                                 record_trace=record_trace)
-        self._split = self.executor.split_point()
-        head = program.segments[-1].name
-        # every rank must agree, or one would wait in the loss broadcast while another still runs
-        self._forward_only_first = all(all_forward_first(p, head) for p in program.schedule.programs)
-        self.head_rank = next(r for r, p in enumerate(program.schedule.programs) if any(i.op == "F" and i.seg == head for i in p))
-        # canonical names: the (adapted) model's own, first name of each tied parameter
-        self._params = dict(program.captured.module.named_parameters())
-        self._owned = self._params_on(rank)
-        holders: dict[str, list[int]] = {}
-        for r in range(cfg.pp_size):
-            for name in self._params_on(r):
-                holders.setdefault(name, []).append(r)
-        # used on several ranks (a tied embedding and head on different stages): all-reduced
-        self._shared = sorted(n for n, rs in holders.items() if len(rs) > 1)
+        self.stages, self.rank, self.transport = stages, rank, transport
+        self.stage = stages[rank]
+        self._schedule = schedule
+        self.check_batch = check_batch
+        self.executor = Executor(self.stage, transport=transport, hooks=hooks, record_trace=record_trace)
+        self.head_rank = self.stage.head_rank
+        self._params = dict(self.stage.params)
         self._pending_backward = False
+        self._broken: str | None = None
+        self._steps = 0
         self._grad_before: dict[str, torch.Tensor | None] = {}
-
-    def _params_on(self, rank: int) -> list[str]:
-        """Canonical names (first name of each parameter object) of the parameters ``rank`` uses."""
-        gm = self.program.captured.gm
-        canonical = {id(p): n for n, p in self._params.items()}
-        segs = {i.seg for i in self.program.schedule.programs[rank] if i.op == "F"}
-        used = {canonical[id(gm.get_parameter(p))] for s in self.program.segments if s.name in segs for p in s.params}
-        return [n for n in self._params if n in used]
 
     # ------------------------------------------------------------------------ parameters
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name in self._owned:
-            yield prefix + self.program.captured.user_fqn(name), self._params[name]
+        for name, p in self._params.items():
+            yield prefix + name, p
 
     def state_dict(self, *args, **kwargs):
         return {fqn: p.detach() for fqn, p in self.named_parameters()}
@@ -87,56 +74,139 @@ class HelixPipeline(torch.nn.Module):
 
     def stage_graphs(self, rank: int | None = None) -> dict[str, torch.fx.GraphModule]:
         """The segment GraphModules that ``rank`` (default: this one) runs forward."""
-        rank = self.rank if rank is None else rank
-        segs = {i.seg for i in self.program.schedule.programs[rank] if i.op == "F"}
-        return {s.name: s.gm for s in self.program.segments if s.name in segs}
+        stage = self.stages[self.rank if rank is None else rank]
+        return {name: seg.gm for name, seg in stage.segments.items()}
 
     @property
-    def schedule(self):
-        return self.program.schedule
+    def schedule(self) -> Schedule | None:
+        return self._schedule
 
-    # ------------------------------------------------------------------------ running
-    def _check_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-        c = self.config
-        want = (c.num_microbatches * c.micro_batch_size, c.seq_len)
-        for name, t in (("input_ids", input_ids), ("labels", labels)):
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.executor.training = mode
+        return self
+
+    # ------------------------------------------------------------------------ checks
+    def _batch(self, args, kwargs) -> list[torch.Tensor]:
+        """The inputs by the program's input names, checked locally (every rank sees the same
+        batch, so every rank raises the same error before any message)."""
+        st = self.stage
+        names = st.input_names
+        if len(args) > len(names):
+            raise HelixError(f"pipe() takes {len(names)} inputs {list(names)}; got {len(args)} positional arguments")
+        given = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise HelixError(f"pipe() got an unexpected input {k!r}; the program takes {list(names)}")
+            if k in given:
+                raise HelixError(f"pipe() got input {k!r} twice (positional and keyword)")
+            given[k] = v
+        want = (st.num_microbatches * st.micro_batch_size, st.seq_len)
+        out = []
+        for name in names:
+            t = given.get(name)
+            if t is None:
+                fix = (" The pipeline trains on the loss the model computes from labels: pass labels "
+                       "(for next-token prediction, labels=input_ids as Hugging Face models shift them "
+                       "themselves)") if name == "labels" else ""
+                raise HelixError(f"rank {self.rank}: {name} is missing (None).{fix}")
+            if not isinstance(t, torch.Tensor):
+                raise HelixError(f"rank {self.rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise HelixError(f"rank {self.rank}: {name} has dtype {t.dtype}; token ids and labels must be "
+                                 f"an integer dtype (torch.long): pass {name}.long() if the values are integral")
+            device = getattr(self.transport, "device", None)
+            if device is not None and t.device != torch.device(device):
+                raise HelixError(f"rank {self.rank}: {name} is on {t.device} but this rank computes on {device}; "
+                                 f"move the batch with {name}.to({str(device)!r})")
             if tuple(t.shape) != want:
                 raise HelixError(
                     f"rank {self.rank}: {name} has shape {tuple(t.shape)} but the program was compiled for "
-                    f"{want} (num_microbatches={c.num_microbatches} x micro_batch_size={c.micro_batch_size}, "
-                    f"seq_len={c.seq_len}); recompile or reshape the batch")
+                    f"{want} (num_microbatches={st.num_microbatches} x micro_batch_size={st.micro_batch_size}, "
+                    f"seq_len={st.seq_len}); recompile or reshape the batch")
+            out.append(t)
+        self._check_ranges(dict(zip(names, out, strict=True)))
+        return out
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self._check_batch(input_ids, labels)
+    def _check_ranges(self, batch: dict[str, torch.Tensor]) -> None:
+        vocab, ignore = self.stage.vocab_size, self.stage.ignore_index
+        if vocab is None:
+            return
+        ids = batch.get("input_ids")
+        if ids is not None and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab:
+                raise HelixError(f"rank {self.rank}: input_ids hold values in [{lo}, {hi}] but the embedding has "
+                                 f"{vocab} rows; token ids must lie in [0, {vocab})")
+        labels = batch.get("labels")
+        if labels is not None and labels.numel():
+            bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore)
+            if bool(bad.any()):
+                v = int(labels[bad][0])
+                raise HelixError(f"rank {self.rank}: labels hold {v}, outside [0, {vocab}) and not the loss's "
+                                 f"ignore_index {ignore}; fix the labels or mask them with {ignore}")
+
+    def _agree_on_batch(self, batch: list[torch.Tensor]) -> None:
+        h = tuple(tensor_hash(t) for t in batch)
+        agree(self.transport, h, what="the batch (hash of " + ", ".join(self.stage.input_names) + ")",
+                             fix="every rank must call pipe() with the same batch; pass check_batch=False "
+                                 "to helix_compile to skip this check")
+
+    def _usable(self) -> None:
+        if self._broken is not None:
+            raise HelixError(f"rank {self.rank}: this pipeline is broken: {self._broken}. Its ranks may be "
+                             f"part-way through different instructions; rebuild it with helix_compile")
+
+    # ------------------------------------------------------------------------ running
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        self._usable()
+        batch = self._batch(args, kwargs)
         if self._pending_backward:
-            raise HelixError("forward() called twice without backward(): call loss.backward() first")
-        c = self.config
-        ex = self.executor
-        ex.inputs = [{"input_ids": ids, "labels": lab} for ids, lab in zip(
-            input_ids.split(c.micro_batch_size), labels.split(c.micro_batch_size), strict=True)]
-        ex.state.losses.clear()
-        ex.grad_scale = 1.0
-        ex.trace.clear()
-        ex.reset()
-        # shared parameters all-reduce only this step's gradient (users may accumulate)
-        self._grad_before = {n: (self._params[n].grad.clone() if self._params[n].grad is not None else None)
-                             for n in self._shared if n in self._owned}
-        if self._forward_only_first:
-            ex.run(0, self._split)
-            self._pending_backward = True
-        else:
-            ex.run(0, len(ex.program.instrs))
-            self._finish()
-        value = self._loss_value().to(self.program.segments[-1].output_meta[0][1])
+            raise HelixError(f"rank {self.rank}: forward() called twice without backward(): call "
+                             f"loss.backward() on the previous loss first (or run evaluation under "
+                             f"torch.no_grad(), which keeps no backward pending)")
+        st = self.stage
+        inputs = [dict(zip(st.input_names, parts, strict=True))
+                  for parts in zip(*(t.split(st.micro_batch_size) for t in batch), strict=True)]
+        evaluating = not torch.is_grad_enabled()
+        try:
+            if self.check_batch:
+                self._agree_on_batch(batch)
+            ex = self.executor
+            ex.begin(inputs, forward_only=evaluating)
+            self._steps += 1
+            if evaluating:
+                ex.run(0, ex.num_instrs)
+                value = self._loss_value()
+                self.transport.drain()
+                return value.to(self._loss_dtype())
+            # shared parameters all-reduce only this step's gradient (users may accumulate)
+            self._grad_before = {n: (self._params[n].grad.clone() if self._params[n].grad is not None else None)
+                                 for n in st.shared if n in self._params}
+            if st.forward_first:
+                ex.run(0, st.split)
+                self._pending_backward = True
+            else:
+                ex.run(0, ex.num_instrs)
+                self._finish()
+            value = self._loss_value()
+        except BaseException as e:
+            self._break(e)
+            raise
         anchor = torch.zeros((), requires_grad=True)
-        return _PipelineLoss.apply(anchor, value, self)
+        return _PipelineLoss.apply(anchor, value.to(self._loss_dtype()), self)
+
+    def _loss_dtype(self) -> torch.dtype:
+        head = next(iter(s for s in self.stages if s.head in s.segments)).segments[self.stage.head]
+        return head.output_specs[0][1] if head.output_specs else torch.float32
 
     def _loss_value(self) -> torch.Tensor:
-        c = self.config
+        st = self.stage
         if self.rank == self.head_rank:
             losses = self.executor.state.losses
-            if len(losses) != c.num_microbatches:
-                raise HelixError(f"rank {self.rank}: loss known for {len(losses)} of {c.num_microbatches} micro batches")
+            if len(losses) != st.num_microbatches:
+                raise RuntimeFailure(f"rank {self.rank}: loss known for {len(losses)} of {st.num_microbatches} "
+                                     f"micro batches", rank=self.rank)
             value = torch.stack([losses[m] for m in sorted(losses)]).mean().to(torch.float64)
         else:
             value = torch.zeros((), dtype=torch.float64)
@@ -146,47 +216,46 @@ class HelixPipeline(torch.nn.Module):
     def _backward_half(self, grad: float) -> None:
         if not self._pending_backward:
             return  # the whole step already ran in forward (interleaved schedule)
+        self._usable()
         ex = self.executor
-        ex.grad_scale = grad
-        ex.run(self._split, len(ex.program.instrs))
+        try:
+            ex.grad_scale = grad
+            ex.run(self.stage.split, ex.num_instrs)
+            self._pending_backward = False
+            self._finish()
+        except BaseException as e:
+            self._break(e)
+            raise
+
+    def _break(self, e: BaseException) -> None:
         self._pending_backward = False
-        self._finish()
+        self._broken = f"step {self._steps} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.executor.state.clear()
 
     def _finish(self) -> None:
         self.transport.drain()
         # parameters used on several ranks (a tied embedding/head on different stages)
-        for name in self._shared:
-            p = self._params[name]
+        for name, shared in self.stage.shared.items():
+            p = self._params.get(name)
+            if p is None:  # held by other ranks: join the sum with zeros
+                self.transport.all_reduce_(torch.zeros(shared.shape, dtype=shared.dtype))
+                continue
             before = self._grad_before.get(name)
-            if name in self._owned and p.grad is not None:
+            if p.grad is not None:
                 step = p.grad - before if before is not None else p.grad.clone()
             else:
                 step = torch.zeros_like(p)
             self.transport.all_reduce_(step)
-            if name in self._owned:
-                p.grad = step if before is None else before + step
+            p.grad = step if before is None else before + step
 
-
-def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_microbatches: int | None = None,
-                  num_folds: int = 2, micro_batch_size: int = 1, loss_fn=None, recompute: str = "without_attention",
-                  mlp_chunks: int | None = None, schedule: str = "helix", head_stage: int | str | None = None,
-                  timeout: float = 60.0,
-                  record_trace: bool = False, transport=None, example_inputs=None) -> HelixPipeline:
-    """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
-
-    Needs an initialized process group of ``pp_size`` ranks (``torchrun``)."""
-    from .transport import Transport
-
-    if transport is None:
-        transport = Transport(timeout=timeout)
-    if transport.world_size != pp_size:
-        raise HelixError(f"pp_size={pp_size} but the process group has {transport.world_size} ranks; "
-                         f"launch with torchrun --nproc-per-node {pp_size}")
-    if schedule == "helix" and num_microbatches is None:
-        num_microbatches = pp_size * num_folds
-    program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
-                              num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
-                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, head_stage=head_stage,
-                              loss_fn=loss_fn,
-                              example_inputs=example_inputs)
-    return HelixPipeline(program, rank=transport.rank, transport=transport, record_trace=record_trace)
+    def check_consistent(self) -> None:
+        """Once, before the first step (``helix_compile`` calls it): every rank compiled the
+        same program, and every parameter used on several ranks starts equal on them."""
+        agree(self.transport, (int(self.stage.fingerprint, 16) & (2**63 - 1),), what="the compiled program",
+              fix="compile the same model with the same options (num_microbatches, seq_len, ...) on every rank")
+        for name, shared in self.stage.shared.items():
+            p = self._params.get(name)
+            h = (tensor_hash(p),) if p is not None else (0,)
+            agree(self.transport, h, what=f"the initial value of {name} (used on ranks {list(shared.holders)})",
+                  fix="initialize the model identically on every rank (same seed) or load the same checkpoint",
+                  ranks=shared.holders)

@@ -1,0 +1,47 @@
+"""``helix_compile``: compile a model and return this rank's pipeline module (under torchrun).
+
+The one place that joins the compiler (``compile_program`` -> ``lower_program``) and the
+runtime (``HelixPipeline`` over a ``Transport``): the runtime itself never imports the
+compiler. Everything that can be rejected is rejected here, before any step's message.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import HelixError
+from .lowering.stage_program import lower_program
+from .program import compile_program
+from .runtime.pipeline import HelixPipeline
+
+
+def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_microbatches: int | None = None,
+                  num_folds: int = 2, micro_batch_size: int = 1, loss_fn=None, recompute: str = "without_attention",
+                  mlp_chunks: int | None = None, schedule: str = "helix", head_stage: int | str | None = None,
+                  virtual_stages: int | None = None, timeout: float = 60.0, check_batch: bool = True,
+                  hooks=(), record_trace: bool = False, transport=None, example_inputs=None) -> HelixPipeline:
+    """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
+
+    Needs an initialized process group of ``pp_size`` ranks (``torchrun``). ``timeout``
+    bounds every wait and collective of the runtime. ``check_batch`` makes every step check
+    that all ranks were given the same batch (one small all-reduce). ``hooks`` are called
+    as ``hook(instr, start, end)`` after every instruction (timing, tracing)."""
+    from .runtime.transport import Transport
+
+    if transport is None:
+        transport = Transport(timeout=timeout)
+    if transport.world_size != pp_size:
+        raise HelixError(f"pp_size={pp_size} but the process group has {transport.world_size} ranks; "
+                         f"launch with torchrun --nproc-per-node {pp_size}")
+    if schedule == "helix" and num_microbatches is None:
+        num_microbatches = pp_size * num_folds
+    program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
+                              num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
+                              recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, head_stage=head_stage,
+                              virtual_stages=virtual_stages, loss_fn=loss_fn, example_inputs=example_inputs)
+    stages = lower_program(program)
+    pipe = HelixPipeline(stages, rank=transport.rank, transport=transport, schedule=program.schedule,
+                         hooks=tuple(hooks), record_trace=record_trace, check_batch=check_batch)
+    pipe.program = program
+    pipe.check_consistent()
+    return pipe

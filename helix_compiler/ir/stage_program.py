@@ -1,0 +1,92 @@
+"""The compiler's last product: one frozen :class:`StageProgram` per pipeline rank.
+
+A stage program is everything a rank needs to run its part of a step, with nothing left to
+work out at run time: the rank's instructions (lowered: communication, recompute and frees
+inserted), the segment GraphModules it runs (already rewritten for run time: attention
+record/replay, MLP chunking, an eval twin without dropout), the concrete shape and dtype of
+every message it receives, the parameters it owns under the user's names, and where its
+program splits into the forward half (``pipe(...)``) and the backward half
+(``loss.backward()``). The runtime imports this module, ``ir.schedule`` and ``kernels``;
+never ``program``, ``passes`` or sympy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .schedule import Instr
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+
+
+@dataclass(frozen=True)
+class StageSegment:
+    """One segment as a rank runs it: ``gm(*chain_inputs, *user_inputs) -> chain outputs``."""
+
+    name: str
+    kind: str  # ir.segment.KINDS
+    gm: fx.GraphModule  # training graph (dropout on)
+    eval_gm: fx.GraphModule  # the same graph with dropout removed (``pipe.eval()``)
+    user_inputs: tuple[str, ...]  # model inputs it reads ("input_ids", "labels")
+    output_specs: tuple[Spec, ...]  # concrete (shape, dtype) of each chain output
+    uses_rng: bool  # has random ops (dropout): its RNG state is replayed for recomputation
+
+
+@dataclass(frozen=True)
+class SharedParam:
+    """A parameter used on several ranks (a tied embedding and head on different stages):
+    its gradient is summed over the ranks each step, and it must start equal on them."""
+
+    holders: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class StageProgram:
+    rank: int
+    num_ranks: int
+    kind: str  # schedule kind
+    recompute: str  # recompute policy
+    instrs: tuple[Instr, ...]  # the full step
+    forward_only: tuple[Instr, ...]  # the step without backward (evaluation under no_grad)
+    split: int  # index of the first backward-half instruction (== len(instrs) for 1F1B-like)
+    forward_first: bool  # every rank's program splits into a forward and a backward half
+    chain: tuple[str, ...]  # segment names in chain order (E, A1, P1, ..., H)
+    segments: Mapping[str, StageSegment]  # the segments this rank runs
+    recv_specs: Mapping[tuple[str, str], tuple[Spec, ...]]  # (value, segment) -> message specs
+    params: Mapping[str, torch.nn.Parameter]  # owned parameters, by the user's names
+    shared: Mapping[str, SharedParam]  # every parameter used on several ranks (the same on all ranks)
+    head_rank: int  # the rank whose head segment gives the loss
+    preview_loss: bool  # the head runs in the backward half: forward() previews the loss
+    num_microbatches: int
+    micro_batch_size: int
+    seq_len: int
+    input_names: tuple[str, ...]  # what ``pipe(...)`` takes, in order
+    vocab_size: int | None  # token ids must lie in [0, vocab_size)
+    ignore_index: int  # the one label value outside [0, vocab_size) that is allowed
+    fingerprint: str  # identical on every rank of one compiled program
+
+    @property
+    def head(self) -> str:
+        return self.chain[-1]
+
+    @property
+    def final(self) -> str:
+        return self.chain[-2]
+
+    def pred(self, seg: str) -> str | None:
+        """The chain predecessor of ``seg`` (None for the embedding)."""
+        k = self.chain.index(seg)
+        return self.chain[k - 1] if k > 0 else None
+
+    def __str__(self) -> str:
+        lines = [f"StageProgram rank {self.rank}/{self.num_ranks} ({self.kind}, recompute={self.recompute}): "
+                 f"{len(self.instrs)} instructions, split at {self.split}, segments "
+                 f"{', '.join(self.segments)}; owns {len(self.params)} parameters"]
+        lines += [f"  {i}" for i in self.instrs]
+        return "\n".join(lines)

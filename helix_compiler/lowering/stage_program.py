@@ -1,0 +1,237 @@
+"""Lowering: a compiled program -> one frozen :class:`~helix_compiler.ir.stage_program.StageProgram`
+per rank, the seam between compiler and runtime (ARCHITECTURE.md section 7).
+
+Everything the executor would otherwise work out or patch at run time happens here, once:
+concrete message shapes (the cost model's sympy shapes at the compiled sizes), the split
+into forward and backward halves, the forward-only program for evaluation, run-time graph
+rewrites (attention record/replay, an eval twin without dropout), parameter ownership under
+the user's names, and a fingerprint that every rank must agree on. Instruction kinds the
+executor cannot run are rejected here, before any process group is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..errors import HelixError
+from ..ir.schedule import Instr, RankProgram
+from ..ir.segment import B, S
+from ..ir.stage_program import SharedParam, StageProgram, StageSegment
+from ..kernels import attention_replay
+
+HELIX_ATTENTION = torch.ops.helix.attention.default
+aten = torch.ops.aten
+RUNNABLE_OPS = ("F", "B", "R", "SEND", "RECV", "FREE")
+DEFAULT_IGNORE_INDEX = -100
+
+
+def lower_program(program) -> tuple[StageProgram, ...]:
+    """One :class:`StageProgram` per rank of ``program`` (a ``HelixProgram``)."""
+    cfg, sched = program.config, program.schedule
+    if sched is None:
+        raise HelixError("lower_program: the program has no schedule")
+    bad = sorted({i.op for p in sched.programs for i in p if i.op not in RUNNABLE_OPS})
+    if bad:
+        raise HelixError(
+            f"schedule={cfg.schedule!r} uses instruction kinds {bad} (split backward) that the "
+            f"runtime does not run; run it in the simulator (compile_program(...).simulate()) "
+            f"or pick schedule='helix', '1f1b', 'gpipe' or 'interleaved'")
+    env = {B: cfg.micro_batch_size, S: cfg.seq_len}
+    chain = tuple(s.name for s in program.segments)
+    head = chain[-1]
+    out_specs = {s.name: tuple((tuple(int(sympy.sympify(d).subs(env)) for d in shape), dtype)
+                               for shape, dtype in s.output_meta) for s in program.segments}
+    run_segments = {s.name: _stage_segment(s, out_specs[s.name]) for s in program.segments}
+    splits = [split_point(p, head) for p in sched.programs]
+    forward_first = all(_all_forward_first(p, head, k) for p, k in zip(sched.programs, splits, strict=True))
+    head_rank = next(p.rank for p in sched.programs if any(i.op == "F" and i.seg == head for i in p))
+    owned_by_rank = [_params_on(program, p) for p in sched.programs]
+    holders: dict[str, list[int]] = {}
+    for r, names in enumerate(owned_by_rank):
+        for n in names:
+            holders.setdefault(n, []).append(r)
+    params = dict(program.captured.module.named_parameters())  # first name of each tied weight
+    fqn = program.captured.user_fqn
+    shared = {fqn(n): SharedParam(tuple(rs), tuple(params[n].shape), params[n].dtype)
+              for n, rs in sorted(holders.items()) if len(rs) > 1}
+    vocab, ignore_index = _token_ranges(program)
+    fingerprint = _fingerprint(program)
+    out = []
+    for prog, split, owned in zip(sched.programs, splits, owned_by_rank, strict=True):
+        runs = {i.seg for i in prog if i.op == "F"}
+        recv_specs = {}
+        for i in prog:
+            if i.op == "RECV":
+                specs = out_specs[i.seg]
+                if i.value == "bwd":
+                    specs = tuple(s for s in specs if s[1].is_floating_point)
+                recv_specs[(i.value, i.seg)] = specs
+        out.append(StageProgram(
+            rank=prog.rank, num_ranks=len(sched.programs), kind=sched.kind, recompute=cfg.recompute,
+            instrs=tuple(prog.instrs), forward_only=forward_only(prog), split=split,
+            forward_first=forward_first, chain=chain,
+            segments={n: run_segments[n] for n in chain if n in runs}, recv_specs=recv_specs,
+            params={fqn(n): params[n] for n in owned},
+            shared=shared,
+            head_rank=head_rank,
+            preview_loss=any(i.op == "F" and i.seg == head for i in prog.instrs[split:]),
+            num_microbatches=cfg.num_microbatches, micro_batch_size=cfg.micro_batch_size,
+            seq_len=cfg.seq_len, input_names=tuple(program.captured.input_names),
+            vocab_size=vocab, ignore_index=ignore_index, fingerprint=fingerprint))
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------ the split
+def split_point(program: RankProgram, head: str) -> int:
+    """Index of the rank's first backward-half instruction: the first B/I/W/R, backward
+    RECV, or forward of the head whose backward follows at once (HelixPipe runs the head at
+    the start of a micro batch's backward). Receives of final hidden states stay in the
+    forward half: forward() previews the loss from them."""
+    instrs = program.instrs
+    for k, i in enumerate(instrs):
+        head_in_bwd = i.op == "F" and i.seg == head and _next_compute_is_head_backward(instrs, k, head)
+        if i.op in ("B", "I", "W", "R") or (i.op == "RECV" and i.value == "bwd") or head_in_bwd:
+            return k
+    return len(instrs)
+
+
+def _all_forward_first(program: RankProgram, head: str, split: int) -> bool:
+    """No forward (but the head's) after the split: the program splits into a forward half
+    and a backward half (helix, GPipe), unlike 1F1B."""
+    return not any(i.op == "F" and i.seg != head for i in program.instrs[split:])
+
+
+def _next_compute_is_head_backward(instrs, k: int, head: str) -> bool:
+    for i in instrs[k + 1:]:
+        if i.is_compute:
+            return i.op == "B" and i.seg == head
+    return False
+
+
+def forward_only(program: RankProgram) -> tuple[Instr, ...]:
+    """The rank's program without backward: its forwards, forward messages and frees of
+    forward buffers, in schedule order (evaluation under ``torch.no_grad``). Dropping
+    instructions only removes waits (sends are asynchronous), so a schedule that is
+    deadlock-free stays so; the per-pair message order is unchanged."""
+    keep = []
+    for i in program.instrs:
+        if i.op == "F" or (i.op in ("SEND", "RECV", "FREE") and i.value == "fwd"):
+            keep.append(i)
+    return tuple(keep)
+
+
+# ------------------------------------------------------------------------------ segments
+def _stage_segment(seg, output_specs) -> StageSegment:
+    gm = _copy(seg.gm)
+    route_attention(gm)
+    uses_rng = any(_is_random(n) for n in gm.graph.nodes)
+    eval_gm = without_dropout(gm) if uses_rng else gm
+    return StageSegment(name=seg.name, kind=seg.spec.kind, gm=gm, eval_gm=eval_gm,
+                        user_inputs=tuple(seg.user_inputs), output_specs=output_specs,
+                        uses_rng=uses_rng)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph over the same parameters (the compiled program's graph stays as it is)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    return new
+
+
+def route_attention(gm: fx.GraphModule) -> int:
+    """Pass: route the graph's ``helix::attention`` nodes through the run-time
+    record/replay function (``kernels.attention_replay``); returns how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (HELIX_ATTENTION, attention_replay.attention):
+            node.target = attention_replay.attention
+            count += 1
+    gm.recompile()
+    return count
+
+
+def _is_random(node: fx.Node) -> bool:
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and (
+        torch.Tag.nondeterministic_seeded in t.tags or t in (aten.dropout.default, aten.feature_dropout.default))
+
+
+def without_dropout(gm: fx.GraphModule) -> fx.GraphModule:
+    """Pass: the evaluation twin of a training graph: every dropout is the identity. Any
+    other random op is an error (its eval behaviour is not known here)."""
+    new = _copy(gm)
+    for node in list(new.graph.nodes):
+        if not _is_random(node):
+            continue
+        if node.target in (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default):
+            node.replace_all_uses_with(node.args[0])
+            new.graph.erase_node(node)
+        else:
+            raise HelixError(f"segment graph has a random op {node.format_node()} that is not dropout; "
+                             f"its evaluation-mode behaviour is unknown, so pipe.eval() cannot switch it off")
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+# ------------------------------------------------------------------------------ parameters
+def _params_on(program, prog: RankProgram) -> list[str]:
+    """Canonical names (first name of each parameter object) of the parameters a rank uses."""
+    gm = program.captured.gm
+    params = dict(program.captured.module.named_parameters())
+    canonical = {id(p): n for n, p in params.items()}
+    segs = {i.seg for i in prog if i.op == "F"}
+    used = {canonical[id(gm.get_parameter(p))] for s in program.segments if s.name in segs for p in s.params}
+    return [n for n in params if n in used]
+
+
+def _token_ranges(program) -> tuple[int | None, int]:
+    """The vocabulary size (rows of the embedding the token ids index) and the loss's
+    ignore_index, read from the captured graph."""
+    gm = program.captured.gm
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    vocab = None
+    ignore = DEFAULT_IGNORE_INDEX
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if vocab is None and n.target == aten.embedding.default and _depends_on(n.args[1], ids):
+            vocab = int(n.args[0].meta["val"].shape[0])
+        if n.target in (aten.cross_entropy_loss.default, aten.nll_loss_forward.default, aten.nll_loss.default,
+                        aten.nll_loss2d_forward.default):
+            schema = n.target._schema.arguments
+            names = [a.name for a in schema]
+            if "ignore_index" in names:
+                k = names.index("ignore_index")
+                ignore = int(n.args[k]) if k < len(n.args) else int(n.kwargs.get("ignore_index", ignore))
+    return vocab, ignore
+
+
+def _depends_on(node, source) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _fingerprint(program) -> str:
+    """Identical on ranks that compiled the same program: the config, the schedule text and
+    every segment's code."""
+    h = hashlib.sha256()
+    h.update(repr(program.config).encode())
+    h.update(str(program.schedule).encode())
+    for s in program.segments:
+        h.update(s.gm.code.encode())
+    return h.hexdigest()[:16]

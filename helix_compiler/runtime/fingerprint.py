@@ -1,0 +1,48 @@
+"""Cheap checks that the ranks of one pipeline hold the same thing: a batch, a compiled
+program, a tied weight. Each rank hashes locally (one pass over the data) and the ranks
+compare the hashes in one bounded collective before anything depends on them."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import HelixError
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(n: int) -> torch.Tensor:
+    return torch.randint(-(2**62), 2**62, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int64)
+
+
+def tensor_hash(t: torch.Tensor) -> int:
+    """A 63-bit hash of a tensor's shape, dtype and exact bits (equal tensors, equal hash).
+    Integer arithmetic wraps, so the value is the same on every machine."""
+    x = t.detach().reshape(-1)
+    if x.is_floating_point() or x.is_complex():  # compare bits, not values
+        x = x.contiguous()
+        x = x.view(_BITS[x.element_size()]) if x.element_size() in _BITS else x.view(torch.uint8)
+    x = x.to(torch.int64).cpu()
+    h = int((x * _weights(max(x.numel(), 1))[:x.numel()]).sum()) if x.numel() else 0
+    return (h ^ hash((tuple(t.shape), str(t.dtype)))) & (2**63 - 1)
+
+
+def agree(transport, values: tuple[int, ...], *, what: str, fix: str,
+          ranks: tuple[int, ...] | None = None) -> None:
+    """Raise on every rank unless ``ranks`` (default: all) hold the same ``values``.
+
+    One SUM all-reduce of a ``world x len(values)`` table in which each rank fills its own
+    row: every rank then sees every row, so all raise together. Ranks outside ``ranks``
+    join with zeros (they need not hold the thing compared)."""
+    world, rank = transport.world_size, transport.rank
+    table = torch.zeros((world, len(values)), dtype=torch.int64)
+    if ranks is None or rank in ranks:
+        table[rank] = torch.tensor(values, dtype=torch.int64)
+    transport.all_reduce_(table)
+    rows = {r: tuple(int(v) for v in table[r]) for r in (range(world) if ranks is None else ranks)}
+    if len(set(rows.values())) > 1:
+        seen = ", ".join(f"rank {r}: {v}" for r, v in rows.items())
+        raise HelixError(f"rank {rank}: the ranks disagree on {what} ({seen}); {fix}")
