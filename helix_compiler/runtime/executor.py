@@ -191,11 +191,12 @@ class Executor:
         self._outputs(i, outs)
 
     def _outputs(self, i: Instr, outs) -> None:
+        if i.seg == self.program.head:  # the loss: nothing in the chain consumes it
+            self.state.losses[i.mb] = outs[0].detach().clone()
+            return
         self.state.fwd[(i.seg, i.mb)] = [o.detach() for o in outs]
         if i.seg == self.program.final and self.program.preview_loss and not self.forward_only:
             self._preview_loss(i.mb)
-        if i.seg == self.program.head:
-            self.state.losses[i.mb] = outs[0].detach().clone()
 
     def _preview_loss(self, mb: int) -> None:
         """The head's loss in the forward half (its real forward runs at the start of the

@@ -169,9 +169,9 @@ class HelixPipeline(torch.nn.Module):
         inputs = [dict(zip(st.input_names, parts, strict=True))
                   for parts in zip(*(t.split(st.micro_batch_size) for t in batch), strict=True)]
         evaluating = not torch.is_grad_enabled()
+        if self.check_batch:  # every rank raises together, before any message: nothing to break
+            self._agree_on_batch(batch)
         try:
-            if self.check_batch:
-                self._agree_on_batch(batch)
             ex = self.executor
             ex.begin(inputs, forward_only=evaluating)
             self._steps += 1
