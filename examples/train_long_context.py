@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 from helix_compiler import helix_compile
 from helix_compiler.models import Llama, LlamaConfig
 from helix_compiler.runtime.launch import init_from_env
+from helix_compiler.sim.measured import measured_result, trace_from_json, trace_to_json
+from helix_compiler.sim.trace import write_chrome_trace
 
 
 def parse_args():
@@ -85,8 +86,7 @@ def main() -> None:
         if rank == 0:
             steps.set_postfix(loss=f"{losses[-1]:.4f}")
         if step == 0:
-            trace = [dict(op=e.op, seg=e.seg, mb=e.mb, start=e.start, end=e.end) for e in pipe.executor.trace]
-            (out / f"trace_rank{rank}.json").write_text(json.dumps(trace))
+            traces = pipe.transport.gather_objects(trace_to_json(pipe.executor.trace))
             if rank == 0:
                 with torch.no_grad():
                     single = torch.stack([reference(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
@@ -97,15 +97,14 @@ def main() -> None:
                     raise SystemExit(f"loss parity FAILED: |diff|={diff:.3e}")
     pipe.transport.barrier()
     if rank == 0:
-        from helix_compiler.sim.measured import plot_measured_timeline
-
-        traces = [json.loads((out / f"trace_rank{r}.json").read_text()) for r in range(world)]
-        plot_measured_timeline(traces, out / "timeline_measured.png",
-                               title=f"HelixPipe measured step 1: p={world}, M={M}, F={args.folds}, s={args.seq_len}")
+        measured = measured_result(pipe.schedule, [trace_from_json(t) for t in traces])
+        measured.write_timeline(out / "timeline_measured.png",
+                                title=f"HelixPipe measured step 1: p={world}, M={M}, F={args.folds}, s={args.seq_len}")
+        write_chrome_trace(measured, out / "trace_measured.json")
         pic = pipe.schedule.picture() if hasattr(pipe.schedule, "picture") else ""
         (out / "schedule_picture.txt").write_text(str(pic))
         print(f"losses: {[round(x, 4) for x in losses]}")
-        print(f"wrote {out}/: program.txt, schedule.txt, schedule_picture.txt, stage_graphs/, timeline_measured.png")
+        print(f"wrote {out}/: program.txt, schedule.txt, schedule_picture.txt, stage_graphs/, timeline_measured.png, trace_measured.json")
     pipe.transport.barrier()
     torch.distributed.destroy_process_group()
 

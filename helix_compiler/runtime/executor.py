@@ -41,11 +41,9 @@ class _Stash:
     rng: tuple | None = None  # RNG state the forward ran with (segments with dropout)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TraceEvent:
-    op: str
-    seg: str
-    mb: int
+    instr: Instr
     start: float
     end: float
 
@@ -92,8 +90,7 @@ class Executor:
         self.hooks = list(hooks)
         self.trace: list[TraceEvent] = []
         if record_trace:
-            self.hooks.append(lambda i, t0, t1: self.trace.append(TraceEvent(i.op, i.seg, i.mb, t0, t1))
-                              if i.is_compute else None)
+            self.hooks.append(lambda i, t0, t1: self.trace.append(TraceEvent(i, t0, t1)) if i.is_compute else None)
         self.recomputed = {(i.seg, i.mb): i.part for i in program.instrs if i.op == "R"}
         self.state = RankState()
         self.inputs: list[dict[str, torch.Tensor]] = []

@@ -5,6 +5,7 @@ compare the hashes in one bounded collective before anything depends on them."""
 from __future__ import annotations
 
 import functools
+import zlib
 
 import torch
 
@@ -27,7 +28,8 @@ def tensor_hash(t: torch.Tensor) -> int:
         x = x.view(_BITS[x.element_size()]) if x.element_size() in _BITS else x.view(torch.uint8)
     x = x.to(torch.int64).cpu()
     h = int((x * _weights(max(x.numel(), 1))[:x.numel()]).sum()) if x.numel() else 0
-    return (h ^ hash((tuple(t.shape), str(t.dtype)))) & (2**63 - 1)
+    meta = zlib.crc32(f"{tuple(t.shape)} {t.dtype}".encode())  # not hash(): salted per process
+    return (h ^ meta) & (2**63 - 1)
 
 
 def agree(transport, values: tuple[int, ...], *, what: str, fix: str,

@@ -1,41 +1,42 @@
-"""Timeline picture of a real run from the executor's measured per-instruction times."""
+"""A real run in the simulator's result type, so that one trace writer and one picture (the
+same colour table) serve both: ``measured_result(...).write_timeline(path)`` and
+``write_chrome_trace(measured_result(...), path)`` look like their simulated twins.
+
+Input: per rank, the executor's trace (``Executor.trace``: the instruction and its
+``perf_counter`` start and end), e.g. gathered to one rank or read back from JSON
+(:func:`trace_to_json` / :func:`trace_from_json`). Ranks' clocks are the same machine's
+monotonic clock on one host; across hosts each rank is aligned at its own first event.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-COLORS = {"F": "#4C72B0", "B": "#DD8452", "R": "#8C8C8C", "I": "#DD8452", "W": "#C44E52"}
-ATTN_COLORS = {"F": "#55A868", "B": "#937860", "R": "#BBBBBB"}
+from ..ir.schedule import Instr, Schedule
+from .engine import OpEvent, SimResult, _category
 
 
-def plot_measured_timeline(traces: list[list[dict]], path: str | Path, *, title: str = "") -> None:
-    """One row per rank; forward (blue), backward (orange), attention forward/backward (green/brown),
-    recompute (grey). ``traces[r]`` is rank r's list of {op, seg, mb, start, end} (seconds)."""
-    import matplotlib
+def trace_to_json(trace) -> list[dict]:
+    return [{"instr": str(e.instr), "start": e.start, "end": e.end} for e in trace]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    t0 = min(e["start"] for tr in traces for e in tr)
-    t1 = max(e["end"] for tr in traces for e in tr)
-    fig, ax = plt.subplots(figsize=(14, 0.6 * len(traces) + 1.5))
+def trace_from_json(rows: list[dict]) -> list[tuple[Instr, float, float]]:
+    return [(Instr.parse(r["instr"]), float(r["start"]), float(r["end"])) for r in rows]
+
+
+def measured_result(schedule: Schedule, traces: list[list[tuple[Instr, float, float]]], *,
+                    align_ranks: bool = False, title: str = "measured") -> SimResult:
+    """``traces[r]``: rank r's compute instructions as ``(instr, start, end)`` in seconds."""
+    if len(traces) != schedule.num_stages:
+        raise ValueError(f"{len(traces)} traces for a schedule of {schedule.num_stages} ranks")
+    starts = [min((s for _, s, _ in tr), default=0.0) for tr in traces]
+    t0 = min(starts)
+    events = []
     for r, tr in enumerate(traces):
-        for e in tr:
-            attn = e["seg"].startswith("A")
-            color = (ATTN_COLORS if attn else COLORS).get(e["op"], "#999999")
-            ax.barh(r, e["end"] - e["start"], left=e["start"] - t0, color=color, edgecolor="white", linewidth=0.3)
-            if (e["end"] - e["start"]) > 0.03 * (t1 - t0):
-                ax.text((e["start"] + e["end"]) / 2 - t0, r, f"{e['seg']}.{e['mb']}", ha="center", va="center",
-                        fontsize=6, color="white")
-    ax.set_yticks(range(len(traces)), [f"rank {r}" for r in range(len(traces))])
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds")
-    ax.set_title(title)
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color=COLORS["F"], label="param fwd"), Patch(color=ATTN_COLORS["F"], label="attn fwd"),
-                       Patch(color=COLORS["B"], label="param bwd"), Patch(color=ATTN_COLORS["B"], label="attn bwd"),
-                       Patch(color=COLORS["R"], label="recompute")], loc="upper right", fontsize=7, ncol=5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        base = starts[r] if align_ranks else t0
+        for instr, s, e in tr:
+            if instr.is_compute:
+                events.append(OpEvent(r, s - base, e - base, instr, _category(instr, schedule.spec(instr.seg).kind)))
+    end = max((e.end for e in events), default=0.0)
+    busy = [sum(e.end - e.start for e in events if e.rank == r) for r in range(schedule.num_stages)]
+    return SimResult(schedule=schedule, iteration_time=end, busy=busy, events=events, messages=[],
+                     memory_timeline=[[] for _ in traces], peak_stash_bytes=[0.0] * len(traces),
+                     device_name=title, meta={"measured": True})
