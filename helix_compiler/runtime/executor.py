@@ -89,6 +89,9 @@ class Executor:
         self.device = getattr(transport, "device", torch.device("cpu"))
         self.hooks = list(hooks)
         self.trace: list[TraceEvent] = []
+        # the loss preview of each micro batch (inside the instruction that made the final
+        # hidden state available): (start, end), for timing breakdowns
+        self.preview_times: dict[int, tuple[float, float]] = {}
         if record_trace:
             self.hooks.append(lambda i, t0, t1: self.trace.append(TraceEvent(i, t0, t1)) if i.is_compute else None)
         self.recomputed = {(i.seg, i.mb): i.part for i in program.instrs if i.op == "R"}
@@ -115,6 +118,7 @@ class Executor:
         """Start a step over ``inputs`` (one dict of user inputs per micro batch)."""
         self.state.clear()
         self.trace.clear()
+        self.preview_times.clear()
         self.inputs = inputs
         self.grad_scale = grad_scale
         self.forward_only = forward_only
@@ -200,12 +204,15 @@ class Executor:
         micro batch's backward, HelixPipe's order): a no-grad pass whose RNG state the real
         forward reuses, so the returned loss is the one differentiated."""
         head = self.program.segments[self.program.head]
+        t0 = time.perf_counter()
         rng = self._rng(head)
         if rng is not None:
             self.state.preview_rng[mb] = rng
-        with torch.no_grad(), attention_replay.mode("direct"), _replaying_rng(rng, self.device):
+        with torch.no_grad(), attention_replay.mode("direct"), _replaying_rng(rng, self.device), \
+                torch.profiler.record_function(f"preview {self.program.head} m{mb}"):
             (loss,) = self._call(head, self.state.fwd[(self.program.final, mb)], mb)
         self.state.losses[mb] = loss.detach().clone()
+        self.preview_times[mb] = (t0, time.perf_counter())
 
     def _recompute(self, i: Instr) -> None:
         seg = self.program.segments[i.seg]
