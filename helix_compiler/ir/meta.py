@@ -7,4 +7,6 @@ LAYER = "helix_layer"  # 1-based layer index, or None outside layers
 REMAT = "helix_remat"  # True: input-independent, recomputed on every stage that needs it
 RECOMPUTE = "helix_recompute"  # recompute policy applied to the node's segment
 ATTENTION_CAUSAL = "helix_causal"
+# on a helix::attention node: (left, right) sliding window as the op's ``window`` kwarg, None = none
+ATTENTION_WINDOW = "helix_window"
 MLP_CHUNK = "helix_mlp_chunk"  # on a chunked-MLP node: kind, num_chunks, recompute

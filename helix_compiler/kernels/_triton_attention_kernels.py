@@ -9,6 +9,12 @@ Layout ``[batch, heads, seq, head_dim]`` with arbitrary strides. GQA: the progra
 head ``h`` reads K/V head ``h // GROUPS``; the dK/dV program of one K/V head loops over its
 ``GROUPS`` query heads, so repeated K/V are never materialized and dK/dV need no reduction.
 Causal masks are top-left aligned (query i sees keys 0..i), as SDPA's ``is_causal``.
+Sliding windows (``HAS_LEFT``/``HAS_RIGHT``, sizes ``WL``/``WR``): query i sees keys
+``i - WL <= j <= i + WR``; the loops start and stop at the first/last block that touches the
+band (blocks entirely outside it are never loaded) and the band's edges are masked inside.
+A row may then meet fully masked blocks before its first visible key: the running max is kept
+finite (``m_safe``) so that such blocks contribute exp2(-inf) = 0, and rows that see no key
+at all get out 0, lse -inf.
 Scores are kept in base 2 (``qk * scale * log2(e)``, ``exp2``); the stored lse is natural-log.
 
 ``UPCAST`` converts every loaded tile to fp32: required in the interpreter, whose ``tl.dot``
@@ -30,7 +36,8 @@ def attn_fwd_kernel(
     sob, soh, sos, sod,
     slb, slh, sls,
     H, SQ, SK, D, qk_scale,  # qk_scale = softmax scale * log2(e)
-    GROUPS: tl.constexpr, CAUSAL: tl.constexpr,
+    WL, WR,
+    GROUPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -57,12 +64,15 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    lo = 0
     hi = SK
     if CAUSAL:
         hi = tl.minimum(SK, start_m + BLOCK_M)
-    # Key block 0 holds key 0, visible to every row (also padded ones), so m_i is finite
-    # after the first iteration and fully masked rows of later blocks contribute exp2(-inf)=0.
-    for start_n in range(0, hi, BLOCK_N):
+    if HAS_LEFT:
+        lo = (tl.maximum(0, start_m - WL) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, start_m + BLOCK_M + WR)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < SK
         kv_mask = n_valid[:, None] & d_valid[None, :]
@@ -75,17 +85,24 @@ def attn_fwd_kernel(
         valid = n_valid[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= cols[None, :])
+        if HAS_LEFT:
+            valid = valid & (cols[None, :] >= offs_m[:, None] - WL)
+        if HAS_RIGHT:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + WR)
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row has seen no key yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * LN2
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
              acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     tl.store(LSE + b * slb + h * slh + offs_m * sls, lse.to(LSE.dtype.element_ty), mask=m_valid)
@@ -124,7 +141,8 @@ def attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdks, sdkd,
     sdvb, sdvh, sdvs, sdvd,
     HKV, SQ, SK, D, sm_scale, qk_scale,
-    GROUPS: tl.constexpr, CAUSAL: tl.constexpr,
+    WL, WR,
+    GROUPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -149,15 +167,20 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     lo = 0
+    hi = SQ
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # first query block with a row >= start_n
+    if HAS_RIGHT:  # rows i >= start_n - WR
+        lo = tl.maximum(lo, (tl.maximum(0, start_n - WR) // BLOCK_M) * BLOCK_M)
+    if HAS_LEFT:  # rows i <= (start_n + BLOCK_N - 1) + WL
+        hi = tl.minimum(SQ, start_n + BLOCK_N + WL)
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         l_base = LSE + b * slb + h * slh
         e_base = DELTA + b * slb + h * slh
-        for start_m in range(lo, SQ, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < SQ
             q_mask = m_valid[:, None] & d_valid[None, :]
@@ -174,6 +197,10 @@ def attn_bwd_dkdv_kernel(
             valid = m_valid[:, None] & n_valid[None, :]
             if CAUSAL:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_LEFT:
+                valid = valid & (offs_n[None, :] >= offs_m[:, None] - WL)
+            if HAS_RIGHT:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + WR)
             p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None] * LOG2E),
                          0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -196,7 +223,8 @@ def attn_bwd_dq_kernel(
     slb, slh, sls,
     sdqb, sdqh, sdqs, sdqd,
     H, SQ, SK, D, sm_scale, qk_scale,
-    GROUPS: tl.constexpr, CAUSAL: tl.constexpr,
+    WL, WR,
+    GROUPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -225,10 +253,15 @@ def attn_bwd_dq_kernel(
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    lo = 0
     hi = SK
     if CAUSAL:
         hi = tl.minimum(SK, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    if HAS_LEFT:
+        lo = (tl.maximum(0, start_m - WL) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, start_m + BLOCK_M + WR)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < SK
         kv_mask = n_valid[:, None] & d_valid[None, :]
@@ -241,6 +274,10 @@ def attn_bwd_dq_kernel(
         valid = m_valid[:, None] & n_valid[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= cols[None, :])
+        if HAS_LEFT:
+            valid = valid & (cols[None, :] >= offs_m[:, None] - WL)
+        if HAS_RIGHT:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + WR)
         p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None] * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

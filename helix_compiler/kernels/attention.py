@@ -1,5 +1,11 @@
-"""``helix::attention(q, k, v, *, causal, scale) -> (out, lse)``: the one attention op of a
-canonical graph.
+"""``helix::attention(q, k, v, *, causal, scale, window=None) -> (out, lse)``: the one
+attention op of a canonical graph.
+
+``window`` is flash-attn's ``window_size``: ``(left, right)``, ``-1`` = unbounded. Query ``i``
+sees key ``j`` iff ``i - left <= j <= i + right`` (and ``j <= i`` when causal; masks are
+top-left aligned as SDPA's). A causal sliding window of ``W`` tokens as Hugging Face builds it
+(``kv_idx > q_idx - W``) is ``causal=True, window=(W - 1, 0)``. ``None`` (the default, what
+callers that pass only causal/scale get) or ``(-1, -1)`` means no window.
 
 Layout ``[batch, heads, seq, head_dim]``; K/V may have fewer heads than Q (GQA: every
 ``hq // hkv`` query heads share one K/V head). ``lse`` is the log-sum-exp of the scaled
@@ -33,8 +39,10 @@ ENV_VAR = "HELIX_ATTENTION_BACKEND"
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
-    forward: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, causal, scale) -> (out, lse)
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]  # (dout, q, k, v, out, lse, causal, scale)
+    # (q, k, v, causal, scale[, window]) -> (out, lse); window (left, right) is passed only
+    # when the call has one, so a backend written before windows existed keeps working.
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]  # (dout, q, k, v, out, lse, causal, scale[, window])
     available: Callable[[torch.device], bool]  # usable on this device?
     # Optional finer check: None if (device, dtype, head_dim) is supported, else the reason.
     unsupported: Callable[[torch.device, torch.dtype, int], str | None] | None = None
@@ -112,6 +120,134 @@ def _reduce_kv(dx: Tensor, groups: int) -> Tensor:
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+Window = tuple[int, int]
+
+
+def normalize_window(window, causal: bool, seq_q: int, seq_k: int) -> Window | None:
+    """``(left, right)`` with every side that masks nothing at these sizes set to -1 (causal
+    already bounds the right side by 0); ``None`` when the window masks nothing at all, so the
+    caller takes its plain causal / full path."""
+    if window is None:
+        return None
+    if len(window) != 2 or any(int(w) < -1 for w in window):
+        raise HelixError(f"helix::attention window={tuple(window)!r}: expected (left, right) with "
+                         f"each side >= 0 or -1 (unbounded), e.g. (4095, 0) for a causal window "
+                         f"of 4096 tokens")
+    left, right = (int(w) for w in window)
+    if left >= seq_q - 1:  # i - left <= 0 <= j for every query row i
+        left = -1
+    if causal and right >= 0:
+        right = -1  # causal already keeps j <= i, a tighter bound than any right >= 0
+    if right >= seq_k - 1:
+        right = -1
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def window_keep(seq_q: int, seq_k: int, causal: bool, window: Window | None,
+                device: torch.device | None = None) -> Tensor:
+    """Bool ``[seq_q, seq_k]`` keep-mask (True = attend) of ``causal`` + ``window``."""
+    return _block_keep(0, seq_q, 0, seq_k, causal, window, device)
+
+
+def _block_keep(i0: int, i1: int, lo: int, hi: int, causal: bool, window: Window | None,
+                device: torch.device | None) -> Tensor:
+    """Keep-mask of query rows ``[i0, i1)`` against keys ``[lo, hi)``."""
+    rows = torch.arange(i0, i1, device=device)[:, None]
+    cols = torch.arange(lo, hi, device=device)[None, :]
+    keep = torch.ones(i1 - i0, hi - lo, dtype=torch.bool, device=device)
+    if causal:
+        keep &= cols <= rows
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep &= cols >= rows - left
+        if right >= 0:
+            keep &= cols <= rows + right
+    return keep
+
+
+def _key_range(i0: int, i1: int, seq_k: int, causal: bool, window: Window | None) -> tuple[int, int]:
+    """Keys that rows ``[i0, i1)`` may see: ``[lo, hi)``."""
+    lo, hi = 0, seq_k
+    left, right = window if window is not None else (-1, -1)
+    if left >= 0:
+        lo = max(0, i0 - left)
+    if causal:
+        hi = min(hi, i1)
+    if right >= 0:
+        hi = min(hi, i1 + right)
+    return lo, max(lo, hi)
+
+
+BLOCK_Q = 128  # query rows per block of the blockwise path
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def blockwise_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      window: Window | None, block_q: int = BLOCK_Q) -> tuple[Tensor, Tensor]:
+    """Exact attention one block of query rows at a time, computing only the keys the block
+    can see: at most ``block_q x (block_q + left)`` scores per (batch, head) exist at once.
+    Any device; half inputs are computed in float32 (lse float32, out cast back). Rows that
+    see no key get out 0 and lse -inf. GQA by expanding K/V."""
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    g = h // k.shape[1]
+    cd = _compute_dtype(q.dtype)
+    kx, vx = _expand_kv(k, g).to(cd), _expand_kv(v, g).to(cd)
+    out = torch.zeros(b, h, sq, v.shape[-1], dtype=cd, device=q.device)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=cd, device=q.device)
+    for i0 in range(0, sq, block_q):
+        i1 = min(sq, i0 + block_q)
+        lo, hi = _key_range(i0, i1, sk, causal, window)
+        if hi <= lo:
+            continue
+        s = (q[:, :, i0:i1].to(cd) @ kx[:, :, lo:hi].transpose(-1, -2)) * scale
+        keep = _block_keep(i0, i1, lo, hi, causal, window, q.device)
+        s = s.masked_fill(~keep, float("-inf"))
+        m = torch.logsumexp(s, -1)
+        p = torch.exp(s - m.masked_fill(m == float("-inf"), 0.0)[..., None])
+        out[:, :, i0:i1] = p @ vx[:, :, lo:hi]
+        lse[:, :, i0:i1] = m
+    return out.to(q.dtype), lse.to(_lse_dtype(q.dtype))
+
+
+def blockwise_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool, scale: float, window: Window | None,
+                       block_q: int = BLOCK_Q) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`blockwise_forward` from the saved ``out``/``lse`` (no forward rerun):
+    per query block P = exp(S - lse), dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+    dQ = scale * dS K, dK += scale * dS^T Q."""
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    g = h // k.shape[1]
+    cd = _compute_dtype(q.dtype)
+    kx, vx = _expand_kv(k, g).to(cd), _expand_kv(v, g).to(cd)
+    qc, doc = q.to(cd), dout.to(cd)
+    delta = (doc * out.to(cd)).sum(-1)
+    lse_c = lse.to(cd)
+    dq = torch.zeros(b, h, sq, d, dtype=cd, device=q.device)
+    dk = torch.zeros(b, h, sk, d, dtype=cd, device=q.device)
+    dv = torch.zeros(b, h, sk, v.shape[-1], dtype=cd, device=q.device)
+    for i0 in range(0, sq, block_q):
+        i1 = min(sq, i0 + block_q)
+        lo, hi = _key_range(i0, i1, sk, causal, window)
+        if hi <= lo:
+            continue
+        s = (qc[:, :, i0:i1] @ kx[:, :, lo:hi].transpose(-1, -2)) * scale
+        keep = _block_keep(i0, i1, lo, hi, causal, window, q.device)
+        m = lse_c[:, :, i0:i1, None]
+        p = torch.exp(s - m.masked_fill(m == float("-inf"), 0.0)).masked_fill(~keep, 0.0)
+        do_blk = doc[:, :, i0:i1]
+        dv[:, :, lo:hi] += p.transpose(-1, -2) @ do_blk
+        ds = p * (do_blk @ vx[:, :, lo:hi].transpose(-1, -2) - delta[:, :, i0:i1, None])
+        dq[:, :, i0:i1] = (ds @ kx[:, :, lo:hi]) * scale
+        dk[:, :, lo:hi] += (ds.transpose(-1, -2) @ qc[:, :, i0:i1]) * scale
+    return dq.to(q.dtype), _reduce_kv(dk, g).to(k.dtype), _reduce_kv(dv, g).to(v.dtype)
 
 
 # --- aten backend ------------------------------------------------------------------------------
@@ -192,13 +328,54 @@ def _aten_cuda_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, _reduce_kv(dk, g), _reduce_kv(dv, g)
 
 
-def _aten_forward(q, k, v, causal, scale):
+# Windows: torch's CPU flash op has none, so a windowed call on CPU takes the blockwise path
+# above (exact, memory bounded by one block of the band). On CUDA, fp16/bf16 with
+# seq_q == seq_k takes ``aten._flash_attention_forward``/``_backward``, which accept
+# ``window_size_left/right`` (flash-attn's kernels, [b, s, h, d] layout, GQA native); any
+# other windowed CUDA call takes the blockwise path too.
+def _aten_cuda_window_uses_flash(q: Tensor, k: Tensor) -> bool:
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[2] == k.shape[2])
+
+
+def _aten_cuda_window_forward(q, k, v, causal, scale, window):
+    d = q.shape[-1]
+    qt, kt, vt = (_pad_head_dim(x.transpose(1, 2)) for x in (q, k, v))
+    s_q, s_k = q.shape[2], k.shape[2]
+    res = torch.ops.aten._flash_attention_forward(
+        qt, kt, vt, None, None, s_q, s_k, 0.0, causal, False, scale=scale,
+        window_size_left=window[0], window_size_right=window[1])
+    return res[0][..., :d].transpose(1, 2), res[1]
+
+
+def _aten_cuda_window_backward(dout, q, k, v, out, lse, causal, scale, window):
+    d = q.shape[-1]
+    dot, qt, kt, vt, ot = (_pad_head_dim(x.transpose(1, 2)) for x in (dout, q, k, v, out))
+    s_q, s_k = q.shape[2], k.shape[2]
+    seed, offset = _dropout_free_rng(q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dot, qt, kt, vt, ot, lse.contiguous(), None, None, s_q, s_k, 0.0, causal, seed, offset,
+        scale=scale, window_size_left=window[0], window_size_right=window[1])
+    return tuple(x[..., :d].transpose(1, 2) for x in (dq, dk, dv))
+
+
+def _aten_forward(q, k, v, causal, scale, window=None):
+    w = normalize_window(window, causal, q.shape[2], k.shape[2])
+    if w is not None:
+        if q.device.type == "cuda" and _aten_cuda_window_uses_flash(q, k):
+            return _aten_cuda_window_forward(q, k, v, causal, scale, w)
+        return blockwise_forward(q, k, v, causal, scale, w)
     if q.device.type == "cpu":
         return _aten_cpu_forward(q, k, v, causal, scale)
     return _aten_cuda_forward(q, k, v, causal, scale)
 
 
-def _aten_backward(dout, q, k, v, out, lse, causal, scale):
+def _aten_backward(dout, q, k, v, out, lse, causal, scale, window=None):
+    w = normalize_window(window, causal, q.shape[2], k.shape[2])
+    if w is not None:
+        if q.device.type == "cuda" and _aten_cuda_window_uses_flash(q, k):
+            return _aten_cuda_window_backward(dout, q, k, v, out, lse, causal, scale, w)
+        return blockwise_backward(dout, q, k, v, out, lse, causal, scale, w)
     if q.device.type == "cpu":
         return _aten_cpu_backward(dout, q, k, v, out, lse, causal, scale)
     return _aten_cuda_backward(dout, q, k, v, out, lse, causal, scale)
@@ -241,30 +418,39 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
 
 
+def _window_args(window) -> tuple:
+    """Positional window argument for a backend call: none when the call has no window."""
+    return () if window is None or tuple(window) == (-1, -1) else (tuple(int(w) for w in window),)
+
+
 @torch.library.custom_op("helix::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
+              window: list[int] | None = None) -> tuple[Tensor, Tensor]:
     _check(q, k, v)
-    out, lse = select_backend(q.device, q.dtype, q.shape[-1]).forward(q, k, v, causal, scale)
+    normalize_window(window, causal, q.shape[2], k.shape[2])  # validates
+    backend = select_backend(q.device, q.dtype, q.shape[-1])
+    out, lse = backend.forward(q, k, v, causal, scale, *_window_args(window))
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, *, causal, scale):
+def _(q, k, v, *, causal, scale, window=None):
     b, h, s, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (b, h, s), dtype=_lse_dtype(q.dtype))
+    return q.new_empty((b, h, s, v.shape[-1])), q.new_empty((b, h, s), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("helix::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       *, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                       *, causal: bool, scale: float, window: list[int] | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     backend = select_backend(q.device, q.dtype, q.shape[-1])
-    dq, dk, dv = backend.backward(dout.contiguous(), q, k, v, out, lse, causal, scale)
+    dq, dk, dv = backend.backward(dout.contiguous(), q, k, v, out, lse, causal, scale,
+                                  *_window_args(window))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, *, causal, scale):
+def _(dout, q, k, v, out, lse, *, causal, scale, window=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -272,8 +458,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     q, k, v = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal = keyword_only_inputs["causal"]
-    ctx.scale = keyword_only_inputs["scale"]
+    ctx.kwargs = dict(keyword_only_inputs)
 
 
 def _backward(ctx, dout, dlse):
@@ -281,7 +466,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         return None, None, None
-    return attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale)
+    return attention_backward(dout, q, k, v, out, lse, **ctx.kwargs)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

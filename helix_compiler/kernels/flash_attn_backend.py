@@ -11,6 +11,10 @@ seq_q == seq_k, so a causal call with different lengths is rejected. The private
 ``_flash_attn_forward`` / ``_flash_attn_backward`` changed their signature over versions
 (``window_size=(l, r)`` until 2.5, ``window_size_left/right`` and ``softcap`` from 2.6, the
 forward returning 8 values until 2.5 and 4 after): we bind by parameter name.
+
+Sliding windows: ``helix::attention``'s ``window=(left, right)`` is flash-attn's
+``window_size`` (same -1 = unbounded convention); like causal masks, flash-attn aligns
+windows bottom-right, so a windowed call needs seq_q == seq_k.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ def _bind(fn: Any, positional: tuple, options: dict[str, Any]) -> Any:
     return fn(*positional, **kwargs)
 
 
-def _window_options() -> dict[str, Any]:
-    return {"window_size_left": -1, "window_size_right": -1, "window_size": (-1, -1),
+def _window_options(window: tuple[int, int] | None = None) -> dict[str, Any]:
+    left, right = window if window is not None else (-1, -1)
+    return {"window_size_left": left, "window_size_right": right, "window_size": (left, right),
             "softcap": 0.0, "alibi_slopes": None}
 
 
@@ -68,40 +73,50 @@ def _pad8(x: Tensor) -> Tensor:
     return x if d % 8 == 0 else torch.nn.functional.pad(x, (0, 8 - d % 8))
 
 
-def _check_causal(q: Tensor, k: Tensor, causal: bool) -> None:
-    if causal and q.shape[2] != k.shape[2]:
-        raise HelixError(f"flash_attn aligns causal masks bottom-right, helix::attention "
-                         f"top-left: seq_q={q.shape[2]} != seq_k={k.shape[2]} is not supported "
-                         f"with causal=True; use HELIX_ATTENTION_BACKEND=aten")
+def _check_causal(q: Tensor, k: Tensor, causal: bool, window=None) -> None:
+    if (causal or window is not None) and q.shape[2] != k.shape[2]:
+        what = "causal=True" if window is None else f"window={tuple(window)}"
+        raise HelixError(f"flash_attn aligns causal masks and windows bottom-right, "
+                         f"helix::attention top-left: seq_q={q.shape[2]} != seq_k={k.shape[2]} "
+                         f"is not supported with {what}; use HELIX_ATTENTION_BACKEND=aten")
+
+
+def _window(window, causal: bool, q: Tensor, k: Tensor) -> tuple[int, int] | None:
+    from .attention import normalize_window
+
+    return normalize_window(window, causal, q.shape[2], k.shape[2])
 
 
 def flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                       window: tuple[int, int] | None = None,
                        interface: ModuleType | None = None) -> tuple[Tensor, Tensor]:
     fa = interface or _interface()
     assert fa is not None, "flash_attn backend used without flash_attn"
-    _check_causal(q, k, causal)
+    window = _window(window, causal, q, k)
+    _check_causal(q, k, causal, window)
     d = q.shape[-1]
     qt, kt, vt = (_pad8(x.transpose(1, 2)) for x in (q, k, v))
     res = _bind(fa._flash_attn_forward, (qt, kt, vt),
                 {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
-                 "return_softmax": False, **_window_options()})
+                 "return_softmax": False, **_window_options(window)})
     # >= 2.6: (out, lse, S_dmask, rng_state); <= 2.5: (out, q, k, v, out_padded, lse, S, rng)
     out, lse = (res[0], res[1]) if len(res) == 4 else (res[4], res[5])
     return out[..., :d].transpose(1, 2), lse
 
 
 def flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        causal: bool, scale: float, interface: ModuleType | None = None
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+                        causal: bool, scale: float, window: tuple[int, int] | None = None,
+                        interface: ModuleType | None = None) -> tuple[Tensor, Tensor, Tensor]:
     fa = interface or _interface()
     assert fa is not None, "flash_attn backend used without flash_attn"
-    _check_causal(q, k, causal)
+    window = _window(window, causal, q, k)
+    _check_causal(q, k, causal, window)
     d = q.shape[-1]
     dot, qt, kt, vt, ot = (_pad8(x.transpose(1, 2)) for x in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
     _bind(fa._flash_attn_backward, (dot, qt, kt, vt, ot, lse.contiguous(), dq, dk, dv),
           {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
-           "deterministic": False, "rng_state": None, **_window_options()})
+           "deterministic": False, "rng_state": None, **_window_options(window)})
     return tuple(x[..., :d].transpose(1, 2) for x in (dq, dk, dv))  # type: ignore[return-value]
 
 

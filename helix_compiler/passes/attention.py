@@ -1,15 +1,34 @@
-"""Pass: canonicalize every attention into ``helix::attention(q, k, v, *, causal, scale)``.
+"""Pass: canonicalize every attention into ``helix::attention(q, k, v, *, causal, scale[, window])``.
 
 Recognized forms:
 * ``aten.scaled_dot_product_attention`` with no mask, ``is_causal=True``, or a materialized
-  mask that is causal (what Hugging Face models pass);
+  mask that is causal or a causal sliding window (what Hugging Face models pass);
 * explicit ``matmul(q, k^T) -> scale -> mask -> softmax -> [dropout p=0] -> matmul(., v)``;
 * GQA through ``repeat_kv`` (unsqueeze/expand/reshape), ``repeat_interleave`` or
   ``enable_gqa=True``: the repeat is peeled off, the op takes the K/V heads as they are.
 
-A mask is accepted when it depends on shapes only and equals the causal pattern at probe
-sizes (it is evaluated there); its s x s subgraph is then dead and removed. Any other mask is
-rejected with an error naming the node.
+A mask is accepted when it depends on shapes only and, evaluated at every probe size, is exactly
+a causal band: query i keeps keys ``i - L <= j <= i`` for one ``L`` at all sizes (``L >= n - 1``
+at size n is plain causal there). A band with ``L`` smaller than some probe size becomes
+``causal=True, window=(L, 0)`` (Hugging Face's ``sliding_window=W`` is ``L = W - 1``); its
+s x s subgraph is then dead and removed. Any other mask is rejected with an error naming the
+node.
+
+What probing proves, and what it assumes: the mask subgraph depends on shapes only, so the only
+size-specific facts it can hold are its integer constants (``sub(q_idx, 16)``) and the sequence
+length itself. Probes run at fixed sizes (``PROBE_SEQS``, the largest past any small window) and
+just past every integer constant ``c`` of the subgraph (``c + 1``, ``c + 2``, ``2c + 1``), so a
+window, a hole or an offset written with a constant shows up at some probe, and a pattern that
+moves with the sequence length (``j > i - s // 4``) gives a different ``L`` at different sizes
+and is rejected. The assumption is that the pattern changes only at such constants (a
+threshold computed from several constants, ``12 * 12``, is not probed past). A value constant
+too large to probe past (``> MAX_PROBE_SEQ``: the n x n mask at that size is the cost) is
+rejected with its value, not assumed away; shape-only constants (a buffer's size, a slice
+bound) beyond it are skipped, as the model cannot run past them.
+
+Rejected with a named error: attention logit soft-capping (``tanh(scores / c) * c``, Gemma2's
+``attn_logit_softcapping``) and ALiBi (a per-head bias linear in the key position, Bloom,
+Falcon ``alibi=True``), and any other additive bias that is not a 0 / -inf mask.
 """
 
 from __future__ import annotations
@@ -33,7 +52,17 @@ SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
 PASSTHROUGH = {aten.to.dtype, aten.type_as.default, aten.contiguous.default, aten.clone.default,
                aten.alias.default, aten._to_copy.default, aten.to.dtype_layout}
-PROBE_SEQS = (5, 9)
+PROBE_SEQS = (5, 9, 67)
+MAX_PROBE_SEQ = 4200  # largest size a mask is evaluated at (an n x n bool tensor): covers W=4096
+_SENTINEL = 2**31  # larger integer constants are "to the end" sentinels (slice ends), not sizes
+_MASKED = -1e4  # an additive mask entry at or below this is "masked out"
+# ops whose integer arguments are shapes, dims or slice bounds, not values of the mask
+SHAPE_ARG_OPS = {aten.slice.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                 aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.select.int,
+                 aten.transpose.int, aten.permute.default, aten.ones.default, aten.zeros.default,
+                 aten.empty.memory_format, aten.new_ones.default, aten.new_zeros.default,
+                 aten.sym_size.int, aten.cumsum.default,
+                 aten.diff.default}
 
 
 def _args(node: fx.Node) -> dict:
@@ -90,6 +119,7 @@ class _MaskProbe:
 
     def __init__(self, gm: fx.GraphModule, independent: set[fx.Node]):
         self.gm, self.independent = gm, independent
+        self._cache: dict[tuple[fx.Node, str], tuple[int | None, str]] = {}
         ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
         b, s = (d.node.expr for d in ph[0].meta["val"].shape)
         self.b_sym, self.s_sym = b, s
@@ -130,35 +160,141 @@ class _MaskProbe:
             stack.extend(n.all_input_nodes)
         return [n for n in self.gm.graph.nodes if n in seen]
 
-    def is_causal(self, mask: fx.Node, kind: str) -> bool:
-        """kind: 'keep' (True = attend), 'drop' (True = masked out), 'additive' (0 / very negative)."""
+    def _constants(self, mask: fx.Node) -> dict[int, bool]:
+        """Integer constants in the arguments of the mask's subgraph (absolute values), mapped
+        to whether one of them is used as a value (index arithmetic, comparisons) rather than
+        only as a shape, dim or slice bound."""
+        found: dict[int, bool] = {}
+
+        def visit(a, value: bool):
+            if isinstance(a, bool):
+                return
+            if isinstance(a, int):
+                found[abs(a)] = found.get(abs(a), False) or value
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    visit(x, value)
+            elif isinstance(a, dict):
+                for x in a.values():
+                    visit(x, value)
+
+        for n in self._ancestors(mask):
+            if n.op == "call_function":
+                value = n.target not in SHAPE_ARG_OPS
+                visit(n.args, value)
+                visit(n.kwargs, value)
+        return found
+
+    def probe_sizes(self, mask: fx.Node, node: fx.Node) -> list[int]:
+        sizes = set(PROBE_SEQS)
+        for c, as_value in self._constants(mask).items():
+            if c >= _SENTINEL or c < 2:
+                continue
+            if c + 2 > MAX_PROBE_SEQ:
+                if not as_value:
+                    # a buffer's size or a slice bound: the model cannot run past it anyway
+                    continue
+                raise UnsupportedModelError(
+                    f"attention at {node.format_node()}: its mask {mask.format_node()} holds the "
+                    f"constant {c}, larger than the mask probe limit MAX_PROBE_SEQ={MAX_PROBE_SEQ} "
+                    f"(e.g. a sliding window of {c} tokens): helix_compiler cannot prove the mask "
+                    f"is causal or a causal sliding window at every sequence length. Use a window "
+                    f"<= {MAX_PROBE_SEQ - 2} or no window (sliding_window=None)")
+            sizes |= {c + 1, c + 2}
+            if 2 * c + 1 <= MAX_PROBE_SEQ:
+                sizes.add(2 * c + 1)
+        return sorted(sizes)
+
+    def band(self, mask: fx.Node, kind: str, node: fx.Node) -> tuple[int | None, str]:
+        """Left window of a causal band mask: ``(None, "")`` for plain causal at every probe,
+        ``(L, "")`` for the band ``i - L <= j <= i``, ``(-2, why)`` when it is neither.
+
+        kind: 'keep' (True = attend), 'drop' (True = masked out), 'additive' (0 / very negative,
+        or a bool keep-mask as SDPA reads one)."""
+        key = (mask, kind)
+        if key not in self._cache:
+            self._cache[key] = self._band(mask, kind, node)
+        return self._cache[key]
+
+    def _band(self, mask: fx.Node, kind: str, node: fx.Node) -> tuple[int | None, str]:
         if mask not in self.independent:
-            return False
-        for seq in PROBE_SEQS:
+            return -2, "the mask depends on input data or is not causal"  # wording kept: tests/users match it
+        left: int | None = None  # smallest size at which the band is visible gives L
+        for seq in self.probe_sizes(mask, node):
             m = self.evaluate(mask, seq)
-            tril = torch.ones(seq, seq, dtype=torch.bool).tril()
             if m.dim() < 2 or tuple(m.shape[-2:]) != (seq, seq):
-                return False
-            if kind == "keep":
-                ok = m.dtype == torch.bool and bool((m == tril).all())
-            elif kind == "drop":
-                ok = m.dtype == torch.bool and bool((m == ~tril).all())
+                return -2, f"the mask has shape {tuple(m.shape)} at seq {seq}, not [.., {seq}, {seq}]"
+            if kind in ("keep", "drop") and m.dtype != torch.bool:
+                return -2, f"a {m.dtype} mask where a bool mask is used"
+            if m.dtype == torch.bool:
+                keep = m if kind != "drop" else ~m
             else:
-                if m.dtype == torch.bool:
-                    ok = bool((m == tril).all())  # SDPA: a bool mask means keep
-                else:
-                    ok = bool((m.masked_select(tril.expand_as(m)) == 0).all()) and bool(
-                        (m.masked_select(~tril.expand_as(m)) <= -1e4).all())
-            if not ok:
-                return False
-        return True
+                finite_bias = (m > _MASKED) & (m != 0)
+                if bool(finite_bias.any()):
+                    _reject_bias(node, mask, m, seq)
+                keep = m == 0
+            keep = keep.reshape(-1, seq, seq)
+            if not bool((keep == keep[:1]).all()):
+                return -2, f"the mask differs between batch entries or heads at seq {seq}"
+            keep = keep[0]
+            seen = int(keep[-1].sum()) - 1  # the last row keeps min(seq - 1, L) + 1 keys
+            if seen < 0:
+                return -2, f"at seq {seq} the last query row sees no key"
+            band = _band_mask(seq, seq - 1 if seen >= seq - 1 else seen)
+            if not bool((keep == band).all()):
+                bad = (keep != band).nonzero()[0].tolist()
+                return -2, (f"at seq {seq} it is not a causal band (query {bad[0]}, key {bad[1]} "
+                            f"is {'kept' if keep[bad[0], bad[1]] else 'masked'})")
+            if seen < seq - 1:  # band visible at this size
+                if left is not None and left != seen:
+                    return -2, f"its window changes with the sequence length ({left} vs {seen} at seq {seq})"
+                left = seen
+            elif left is not None:
+                return -2, f"its window changes with the sequence length ({left}, then causal at seq {seq})"
+        return left, ""
+
+
+def _band_mask(seq: int, left: int) -> torch.Tensor:
+    i = torch.arange(seq)[:, None]
+    j = torch.arange(seq)[None, :]
+    return (j <= i) & (j >= i - left)
+
+
+def _is_alibi(bias: torch.Tensor) -> bool:
+    """A bias whose finite part grows linearly along the key axis with a per-row slope that is
+    not zero everywhere (ALiBi: ``slope_h * (j [- i])``)."""
+    if bias.dim() < 1 or bias.shape[-1] < 3 or not bias.is_floating_point():
+        return False
+    b = bias.double()
+    finite = b > _MASKED
+    d = b[..., 1:] - b[..., :-1]
+    both = finite[..., 1:] & finite[..., :-1]
+    if not bool(both.any()):
+        return False
+    ref = torch.where(both, d, torch.nan).nanmean(-1, keepdim=True)  # per-row slope
+    same = torch.where(both, (d - ref).abs() <= 1e-6 * (1 + ref.abs()), True)
+    return bool(same.all()) and bool((ref.nan_to_num(0).abs() > 0).any())
+
+
+def _reject_bias(node: fx.Node, bias: fx.Node, value: torch.Tensor, seq: int):
+    if _is_alibi(value):
+        raise UnsupportedModelError(
+            f"attention at {node.format_node()} adds an ALiBi position bias ({bias.format_node()}: "
+            f"per-head slopes times key positions, as in Bloom or Falcon with alibi=True). "
+            f"helix_compiler does not support ALiBi; use a model with rotary or learned "
+            f"positions (e.g. Falcon with alibi=False)")
+    raise UnsupportedModelError(
+        f"attention at {node.format_node()} adds a bias {bias.format_node()} whose values at seq "
+        f"{seq} are not 0 / -inf (e.g. {value[(value > _MASKED) & (value != 0)][:3].tolist()}): "
+        f"only causal masks and causal sliding windows are supported; remove the attention bias")
 
 
 def _reject_mask(node: fx.Node, why: str):
     raise UnsupportedModelError(
         f"attention at {node.format_node()} uses a mask helix_compiler cannot pipeline ({why}). "
-        f"Only causal masks (or none) are supported: drop attention_mask/padding from the inputs "
-        f"or pack sequences without padding")
+        f"Only causal masks, causal sliding windows (query i sees keys i-L..i) or none are "
+        f"supported: drop attention_mask/padding from the inputs or pack sequences without "
+        f"padding")
 
 
 def _match_sdpa(node: fx.Node, probe: _MaskProbe):
@@ -168,18 +304,76 @@ def _match_sdpa(node: fx.Node, probe: _MaskProbe):
                                     f"attention dropout probability to 0")
     causal = bool(a.get("is_causal", False))
     mask = a.get("attn_mask")
+    left = None
     if mask is not None:
         if causal:
             _reject_mask(node, "both attn_mask and is_causal are set")
-        if not probe.is_causal(mask, "additive"):
-            _reject_mask(node, "the mask depends on input data or is not causal")
+        left, why = probe.band(mask, "additive", node)
+        if why:
+            _reject_mask(node, why)
         causal = True
     q, k, v = a["query"], a["key"], a["value"]
-    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, a.get("scale"), [node]
+    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, a.get("scale"), left, [node]
 
 
 def _scalar(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _reject_softcap_and_alibi(x: fx.Node, softmax: fx.Node, probe: _MaskProbe) -> None:
+    """Scores that are not a plain (scaled) ``q @ k^T``: soft-capping and ALiBi biases."""
+    if x.op == "call_function" and x.target == aten.tanh.default:
+        raise UnsupportedModelError(
+            f"attention logit soft-capping (scores = tanh(scores / cap) * cap, Gemma2's "
+            f"attn_logit_softcapping) at {x.format_node()} feeding {softmax.format_node()}: "
+            f"helix::attention has no softcap; set config.attn_logit_softcapping=None")
+    y = x
+    while y.op == "call_function" and y.target in VIEW_OPS | PASSTHROUGH:
+        y = y.args[0]
+    if y.op == "call_function" and y.target == aten.baddbmm.default:
+        beta = y.kwargs.get("beta", y.args[3] if len(y.args) > 3 else 1)
+        bias = y.args[0]
+        if beta != 0 and bias in probe.independent:
+            value = probe.evaluate(bias, PROBE_SEQS[1])
+            if _is_alibi(value):
+                _reject_bias(softmax, bias, value, PROBE_SEQS[1])
+        raise UnsupportedModelError(
+            f"attention scores at {y.format_node()} add a bias {bias.format_node()} to q @ k^T "
+            f"(baddbmm): only causal masks and causal sliding windows are supported; remove "
+            f"the attention bias")
+
+
+def _diagnose_unmatched(softmax: fx.Node, probe: _MaskProbe) -> None:
+    """A softmax that did not match attention (Bloom's ``bmm`` on 3-d views, say): raise if its
+    scores carry an ALiBi bias, so the error names the feature instead of "no attention"."""
+    x = _peel(softmax.args[0])
+    for _ in range(16):
+        if x.op != "call_function":
+            return
+        if x.target == aten.baddbmm.default:
+            candidates, nxt = [x.args[0]], None
+        elif x.target == aten.add.Tensor:
+            nodes = [a for a in x.args if isinstance(a, fx.Node)]
+            candidates = [a for a in nodes if a in probe.independent]
+            rest = [a for a in nodes if a not in probe.independent]
+            nxt = rest[0] if len(rest) == 1 else None
+        elif x.target in VIEW_OPS | PASSTHROUGH | {aten.masked_fill.Scalar, aten.mul.Tensor, aten.div.Tensor}:
+            candidates, nxt = [], x.args[0]
+        elif x.target == aten.where.self:
+            candidates, nxt = [], x.args[1]
+        else:
+            return
+        for bias in candidates:
+            if isinstance(bias, fx.Node) and bias in probe.independent:
+                value = probe.evaluate(bias, PROBE_SEQS[1])
+                if value.is_floating_point() and _is_alibi(value):
+                    _reject_bias(softmax, bias, value, PROBE_SEQS[1])
+        if not isinstance(nxt, fx.Node):
+            return
+        x = _peel(nxt)
 
 
 def _match_explicit(softmax: fx.Node, probe: _MaskProbe):
@@ -208,27 +402,34 @@ def _match_explicit(softmax: fx.Node, probe: _MaskProbe):
     # backward: softmax input -> casts -> mask -> scale -> matmul(q, k^T)
     x = _peel(softmax.args[0])
     causal = False
+    left = None
     scale = 1.0
+    mask = kind = None
     if x.target == aten.masked_fill.Scalar:
         fill = _scalar(x.args[2])
-        if fill is None or fill > -1e4 or not probe.is_causal(x.args[1], "drop"):
-            _reject_mask(x, "masked_fill with a non-causal mask")
-        causal, x = True, _peel(x.args[0])
+        if fill is None or fill > _MASKED:
+            _reject_mask(x, f"masked_fill with the value {x.args[2]!r}, not -inf")
+        mask, kind, where, x = x.args[1], "drop", x, _peel(x.args[0])
     elif x.target in (aten.where.self, aten.where.ScalarOther):
         fill = _scalar(x.args[2]) if x.target == aten.where.ScalarOther else None
-        if fill is None or fill > -1e4 or not probe.is_causal(x.args[0], "keep"):
-            _reject_mask(x, "where() with a non-causal mask")
-        causal, x = True, _peel(x.args[1])
+        if fill is None or fill > _MASKED:
+            _reject_mask(x, "where() whose other value is not -inf")
+        mask, kind, where, x = x.args[0], "keep", x, _peel(x.args[1])
     elif x.target == aten.add.Tensor:
         a0, a1 = x.args
+        where = x
         mask, x = (a1, a0) if a1 in probe.independent else (a0, a1)
-        if mask not in probe.independent or not probe.is_causal(mask, "additive"):
-            _reject_mask(x, "an additive mask that depends on input data or is not causal")
-        causal, x = True, _peel(x)
+        kind, x = "additive", _peel(x)
+    if mask is not None:
+        left, why = probe.band(mask, kind, where)
+        if why:
+            _reject_mask(where, why)
+        causal = True
     while x.target in (aten.mul.Tensor, aten.div.Tensor) and _scalar(x.args[1]) is not None:
         c = _scalar(x.args[1])
         scale = scale * c if x.target == aten.mul.Tensor else scale / c
         x = _peel(x.args[0])
+    _reject_softcap_and_alibi(x, softmax, probe)
     if x.target not in MATMUL:
         return None
     q, kt = x.args
@@ -242,7 +443,7 @@ def _match_explicit(softmax: fx.Node, probe: _MaskProbe):
         q = _peel(q.args[0])
     if len(_shape(q)) != 4:
         return None
-    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, scale, [pv]
+    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, scale, left, [pv]
 
 
 def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
@@ -259,17 +460,23 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
         elif node.target in SOFTMAX:
             match = _match_explicit(node, probe)
             if match is None:
+                _diagnose_unmatched(node, probe)
                 continue
         else:
             continue
-        q, k, v, causal, scale, (result,) = match
+        q, k, v, causal, scale, left, (result,) = match
         if scale is None:
             scale = 1.0 / math.sqrt(_shape(q)[-1])
+        kwargs = {"causal": causal, "scale": float(scale)}
+        window = None if left is None else (int(left), 0)
+        if window is not None:  # only windowed calls carry it: the op's default is no window
+            kwargs["window"] = list(window)
         with graph.inserting_before(result):
-            op = graph.call_function(HELIX_ATTENTION, (q, k, v), {"causal": causal, "scale": float(scale)})
+            op = graph.call_function(HELIX_ATTENTION, (q, k, v), kwargs)
             out = graph.call_function(operator.getitem, (op, 0))
         op.meta.update(nn_module_stack=result.meta.get("nn_module_stack", {}), stack_trace=result.meta.get("stack_trace"))
         op.meta[meta.ATTENTION_CAUSAL] = causal
+        op.meta[meta.ATTENTION_WINDOW] = window
         qv, vv = q.meta["val"], v.meta["val"]
         lse_dtype = torch.float32 if qv.dtype in (torch.float16, torch.bfloat16) else qv.dtype
         op.meta["val"] = (qv.new_empty((*qv.shape[:3], vv.shape[-1])), qv.new_empty(qv.shape[:3], dtype=lse_dtype))

@@ -47,6 +47,34 @@ def test_cuda_op_autograd_default_backend(no_forced_backend):
     assert_matches([x.cpu() for x in (out, lse, *grads)], want, torch.bfloat16, "cuda default")
 
 
+@pytest.mark.parametrize("backend", ["aten", "flash_attn", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal, window", [(True, (0, 0)), (True, (1, 0)), (True, (63, 0)),
+                                            (True, (200, -1)), (False, (17, 40))])
+def test_cuda_backends_window_match_reference(no_forced_backend, backend, dtype, causal, window):
+    """Sliding windows on CUDA: aten (torch's _flash_attention_forward with window_size for
+    fp16/bf16, the blockwise path for fp32), flash-attn's window_size, Triton's band loops."""
+    cuda = torch.device("cuda")
+    be = A.BACKENDS[backend]
+    reason = be.reason_unusable(cuda, dtype, 64)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    q, k, v, dout = (x.cuda() for x in make_inputs(2, 8, 2, 300, 300, 64, dtype, seed=6))
+    got = run_backend(be.forward, be.backward, q, k, v, dout, causal, 0.125, window)
+    want = reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), causal, 0.125, window)
+    tol_dtype = torch.float16 if dtype == torch.float32 else dtype
+    assert_matches([x.cpu() for x in got], want, tol_dtype, f"{backend} cuda {dtype} window={window}")
+
+
+def test_cuda_op_window_autograd_default_backend(no_forced_backend):
+    q, k, v, dout = (x.cuda() for x in make_inputs(1, 4, 2, 257, 257, 64, torch.bfloat16, seed=7))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = torch.ops.helix.attention(q, k, v, causal=True, scale=0.125, window=[31, 0])
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), True, 0.125, (31, 0))
+    assert_matches([x.cpu() for x in (out, lse, *grads)], want, torch.bfloat16, "cuda window default")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_activations_match_torch(dtype):
     x, dy = (t.detach().cuda().requires_grad_() for t in _inputs((4, 1000, 257), dtype, 2))

@@ -38,14 +38,28 @@ TOL = {  # (atol, rtol) against the float64 reference, for out / lse / grads
 
 
 # --- reference ---------------------------------------------------------------------------------
-def reference(q, k, v, dout, causal, scale):
-    """float64 attention (top-left causal as SDPA): out, lse, dq, dk, dv."""
+def keep_mask(sq, sk, causal, window=None):
+    """Bool [sq, sk]: query i sees key j (top-left causal; window (left, right), -1 = unbounded)."""
+    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep &= i - j <= left
+        if right >= 0:
+            keep &= j - i <= right
+    return keep
+
+
+def reference(q, k, v, dout, causal, scale, window=None):
+    """float64 attention (top-left causal as SDPA, optional window): out, lse, dq, dk, dv."""
     g = q.shape[1] // k.shape[1]
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     s = q64 @ k64.repeat_interleave(g, 1).transpose(-1, -2) * scale
-    if causal:
-        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+    if causal or window is not None:
+        s = s.masked_fill(~keep_mask(q.shape[2], k.shape[2], causal, window), float("-inf"))
     lse = torch.logsumexp(s, -1)
     out = torch.softmax(s, -1) @ v64.repeat_interleave(g, 1)
     dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), dout.double())
@@ -75,10 +89,17 @@ def assert_matches(got, want, dtype, what):
                                    msg=lambda m, n=name: f"{what}: {n}: {m}")
 
 
-def run_backend(forward, backward, q, k, v, dout, causal, scale):
-    out, lse = forward(q, k, v, causal, scale)
-    dq, dk, dv = backward(dout, q, k, v, out, lse, causal, scale)
+def run_backend(forward, backward, q, k, v, dout, causal, scale, window=None):
+    w = () if window is None else (window,)
+    out, lse = forward(q, k, v, causal, scale, *w)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, causal, scale, *w)
     return out, lse, dq, dk, dv
+
+
+# (causal, window) cases every backend runs: left 0 (diagonal only), 1, 7, one larger than the
+# sequence (same as causal), a causal window with right=-1, and a two-sided non-causal one.
+WINDOWS = [(True, (0, 0)), (True, (1, 0)), (True, (7, 0)), (True, (1000, 0)), (True, (7, -1)),
+           (False, (3, 5))]
 
 
 @pytest.fixture
@@ -128,6 +149,25 @@ def test_interp_triton_shapes(interpret, shape, dtype, causal, transposed, confi
     assert_matches(got, reference(q, k, v, dout, causal, scale), dtype, f"triton {shape}")
 
 
+@pytest.mark.parametrize("causal, window", WINDOWS)
+def test_interp_triton_window_matches_reference(interpret, causal, window):
+    """Windows across several 16-wide blocks (some rows' first key block is fully masked)."""
+    q, k, v, dout = make_inputs(1, 4, 2, 45, 45, 16, torch.float32, seed=6)
+    got = run_backend(TA.triton_attention_forward, TA.triton_attention_backward,
+                      q, k, v, dout, causal, 0.3, window)
+    assert_matches(got, reference(q, k, v, dout, causal, 0.3, window), torch.float32,
+                   f"triton window={window} causal={causal}")
+
+
+def test_interp_triton_window_bf16_and_block_shapes(interpret):
+    cfg = TA.BlockConfig(16, 32, 32, 16, 16, 32, num_warps=1, num_stages=1)
+    q, k, v, dout = make_inputs(1, 2, 1, 50, 50, 24, torch.bfloat16, seed=7)
+    got = run_backend(lambda *a: TA.triton_attention_forward(*a, config=cfg),
+                      lambda *a: TA.triton_attention_backward(*a, config=cfg),
+                      q, k, v, dout, True, 0.2, (20, 0))
+    assert_matches(got, reference(q, k, v, dout, True, 0.2, (20, 0)), torch.bfloat16, "triton bf16 window")
+
+
 def test_interp_op_dispatches_to_forced_triton(interpret, monkeypatch):
     """torch.ops.helix.attention + autograd, backend forced by the environment variable."""
     monkeypatch.setenv(A.ENV_VAR, "triton")
@@ -156,7 +196,7 @@ def test_interp_op_dispatches_to_forced_triton(interpret, monkeypatch):
 
 
 def test_triton_kernels_run_in_child_process():
-    run_interp_tests_in_child(__file__, expected_min=13)
+    run_interp_tests_in_child(__file__, expected_min=20)
 
 
 # --- aten CPU --------------------------------------------------------------------------------------
@@ -167,6 +207,56 @@ def test_aten_cpu_matches_reference(no_forced_backend, dtype, causal):
     got = run_backend(A._aten_forward, A._aten_backward, q, k, v, dout, causal, 0.2)
     assert_matches(got, reference(q, k, v, dout, causal, 0.2), dtype, f"aten cpu {dtype}")
     assert A.select_backend(torch.device("cpu"), dtype, 16).name == "aten"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal, window", WINDOWS)
+def test_aten_cpu_window_matches_reference(no_forced_backend, dtype, causal, window):
+    q, k, v, dout = make_inputs(2, 4, 2, 37, 37, 16, dtype, seed=3)
+    got = run_backend(A._aten_forward, A._aten_backward, q, k, v, dout, causal, 0.2, window)
+    assert got[1].dtype == dtype
+    assert_matches(got, reference(q, k, v, dout, causal, 0.2, window), dtype,
+                   f"aten cpu {dtype} window={window} causal={causal}")
+
+
+@pytest.mark.parametrize("shape, dtype, window", [
+    ((1, 4, 1, 300, 300, 16), torch.float64, (40, 0)),  # MQA, several 128-row blocks
+    ((1, 2, 2, 300, 300, 8), torch.float64, (129, 0)),  # the band crosses a block edge
+    ((1, 4, 2, 150, 150, 16), torch.bfloat16, (7, 0)),  # half: computed in fp32, lse fp32
+])
+def test_aten_cpu_window_blockwise_shapes(no_forced_backend, shape, dtype, window):
+    q, k, v, dout = make_inputs(*shape, dtype, seed=8)
+    got = run_backend(A._aten_forward, A._aten_backward, q, k, v, dout, True, 0.25, window)
+    assert got[1].dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    assert got[0].dtype == dtype and got[3].dtype == dtype
+    assert_matches(got, reference(q, k, v, dout, True, 0.25, window), dtype, f"blockwise {shape}")
+
+
+def test_aten_cpu_window_lse_consistent_with_the_no_window_path(no_forced_backend):
+    """A window wider than the sequence is the causal op itself; a window exactly as wide as
+    the sequence, run through the blockwise path, gives the same out and lse."""
+    q, k, v, _ = make_inputs(1, 2, 2, 40, 40, 16, torch.float64, seed=9)
+    plain = A._aten_forward(q, k, v, True, 0.3)
+    for left in (39, 1000):
+        torch.testing.assert_close(A._aten_forward(q, k, v, True, 0.3, (left, 0)), plain, atol=1e-13, rtol=0)
+    blk = A.blockwise_forward(q, k, v, True, 0.3, (39, -1))
+    torch.testing.assert_close(blk, plain, atol=1e-13, rtol=0)
+
+
+def test_op_window_argument_and_autograd(no_forced_backend):
+    """torch.ops.helix.attention(..., window=[l, r]): forward + autograd equal the reference;
+    no window / [-1, -1] / a window wider than the sequence are the causal op."""
+    q, k, v, dout = make_inputs(1, 4, 2, 33, 33, 16, torch.float64, seed=10)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = torch.ops.helix.attention(q, k, v, causal=True, scale=0.25, window=[5, 0])
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert_matches((out, lse, dq, dk, dv), reference(q, k, v, dout, True, 0.25, (5, 0)), torch.float64,
+                   "helix::attention window=[5, 0]")
+    plain = torch.ops.helix.attention(q, k, v, causal=True, scale=0.25)
+    for w in ([-1, -1], [32, 0], None):
+        torch.testing.assert_close(torch.ops.helix.attention(q, k, v, causal=True, scale=0.25, window=w), plain)
+    with pytest.raises(HelixError, match=r"window=\(-3, 0\)"):
+        torch.ops.helix.attention(q, k, v, causal=True, scale=0.25, window=[-3, 0])
 
 
 # --- aten CUDA: argument plumbing on meta tensors (schemas, shapes, lse slicing) -------------
@@ -187,24 +277,42 @@ def test_aten_cuda_plumbing_on_meta(dtype, d, causal, sk):
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
 
 
+@pytest.mark.parametrize("dtype, sk, uses_flash", [
+    (torch.bfloat16, 100, True),   # torch's _flash_attention_forward with window_size_left/right
+    (torch.float16, 80, False),    # seq_q != seq_k: the blockwise path
+    (torch.float32, 100, False),   # fp32: the blockwise path
+])
+def test_aten_cuda_window_plumbing_on_meta(dtype, sk, uses_flash):
+    q = torch.empty(2, 4, 100, 60, device="meta", dtype=dtype)
+    k = torch.empty(2, 2, sk, 60, device="meta", dtype=dtype)
+    assert A._aten_cuda_window_uses_flash(q, k) == uses_flash
+    if not uses_flash:
+        return  # the blockwise path is the CPU-tested one
+    out, lse = A._aten_cuda_window_forward(q, k, k, True, 0.125, (15, -1))
+    assert out.shape == q.shape and lse.shape == (2, 4, 100) and lse.dtype == torch.float32
+    dq, dk, dv = A._aten_cuda_window_backward(out, q, k, k, out, lse, True, 0.125, (15, -1))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
 # --- flash-attn: plumbing through a stand-in interface ------------------------------------------
-def _fa_reference(q, k, v, causal, scale):
-    """flash-attn semantics in its [b, s, h, d] layout (square causal)."""
+def _fa_reference(q, k, v, causal, scale, window=(-1, -1)):
+    """flash-attn semantics in its [b, s, h, d] layout (square causal / window)."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert q.shape[-1] % 8 == 0, "flash-attn needs head dims padded to a multiple of 8"
     qt, kt, vt = (x.transpose(1, 2).double() for x in (q, k, v))
     g = qt.shape[1] // kt.shape[1]
     kt, vt = kt.repeat_interleave(g, 1), vt.repeat_interleave(g, 1)
     s = qt @ kt.transpose(-1, -2) * scale
-    if causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if causal or tuple(window) != (-1, -1):
+        assert s.shape[-2] == s.shape[-1], "stand-in: square only (bottom-right == top-left)"
+        s = s.masked_fill(~keep_mask(*s.shape[-2:], causal, tuple(window)), float("-inf"))
     return s, vt
 
 
 def _fake_fwd_new(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
                   window_size_right, softcap, alibi_slopes, return_softmax):
-    assert dropout_p == 0.0 and (window_size_left, window_size_right) == (-1, -1)
-    s, vt = _fa_reference(q, k, v, causal, softmax_scale)
+    assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None
+    s, vt = _fa_reference(q, k, v, causal, softmax_scale, (window_size_left, window_size_right))
     out = (torch.softmax(s, -1) @ vt).transpose(1, 2).to(q.dtype).contiguous()
     return out, torch.logsumexp(s, -1).float(), torch.empty(0), torch.zeros(2)
 
@@ -214,7 +322,7 @@ def _fake_bwd_new(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softma
                   rng_state=None):
     assert dout.stride(-1) == 1 and out.stride(-1) == 1 and softmax_lse.dtype == torch.float32
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    s, vt = _fa_reference(qd, kd, vd, causal, softmax_scale)
+    s, vt = _fa_reference(qd, kd, vd, causal, softmax_scale, (window_size_left, window_size_right))
     o = (torch.softmax(s, -1) @ vt).transpose(1, 2)
     gq, gk, gv = torch.autograd.grad(o, (qd, kd, vd), dout.double())
     dq.copy_(gq), dk.copy_(gk), dv.copy_(gv)  # GQA: dk/dv already reduced, [b, s, hkv, d]
@@ -223,8 +331,7 @@ def _fake_bwd_new(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softma
 
 def _fake_fwd_old(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                   return_softmax):
-    assert window_size == (-1, -1)
-    out, lse, sm, rng = _fake_fwd_new(q, k, v, dropout_p, softmax_scale, causal, -1, -1, 0.0,
+    out, lse, sm, rng = _fake_fwd_new(q, k, v, dropout_p, softmax_scale, causal, *window_size, 0.0,
                                       alibi_slopes, return_softmax)
     return out, q, k, v, out, lse, sm, rng
 
@@ -232,7 +339,7 @@ def _fake_fwd_old(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_
 def _fake_bwd_old(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, rng_state=None):
     _fake_bwd_new(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
-                  -1, -1, 0.0, alibi_slopes, deterministic, rng_state)
+                  *window_size, 0.0, alibi_slopes, deterministic, rng_state)
     return dq, dk, dv, torch.empty(0)
 
 
@@ -264,6 +371,31 @@ def test_flash_attn_plumbing_with_stand_in(api, d):
     assert_matches(got, reference(q, k, v, dout, True, 0.3), torch.float32, f"flash_attn {api}")
     with pytest.raises(HelixError, match="bottom-right"):
         FA.flash_attn_forward(q, k[:, :, :7], v[:, :, :7], True, 0.3, interface=fake)
+
+
+def _fake(api):
+    if api == "2.6+":
+        return SimpleNamespace(_flash_attn_forward=_fake_fwd_new, _flash_attn_backward=_fake_bwd_new)
+    if api == "2.6+custom_op":
+        return SimpleNamespace(_flash_attn_forward=_CustomOpLike(_fake_fwd_new),
+                               _flash_attn_backward=_CustomOpLike(_fake_bwd_new))
+    return SimpleNamespace(_flash_attn_forward=_fake_fwd_old, _flash_attn_backward=_fake_bwd_old)
+
+
+@pytest.mark.parametrize("api", ["2.6+", "2.5"])
+@pytest.mark.parametrize("causal, window", WINDOWS)
+def test_flash_attn_window_with_stand_in(api, causal, window):
+    """window=(left, right) reaches flash-attn as window_size_left/right (2.6+) or
+    window_size (2.5); GQA, head dim 12 padded to 16."""
+    fake = _fake(api)
+    q, k, v, dout = make_inputs(2, 4, 2, 21, 21, 12, torch.float64, seed=11)
+    got = run_backend(lambda *a: FA.flash_attn_forward(*a, interface=fake),
+                      lambda *a: FA.flash_attn_backward(*a, interface=fake),
+                      q, k, v, dout, causal, 0.3, window)
+    assert_matches(got, reference(q, k, v, dout, causal, 0.3, window), torch.float32,
+                   f"flash_attn {api} window={window}")
+    with pytest.raises(HelixError, match=r"bottom-right.*window=\(1, 0\)"):
+        FA.flash_attn_forward(q, k[:, :, :7], v[:, :, :7], False, 0.3, (1, 0), interface=fake)
 
 
 # --- registry ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from models_for_tests import (  # noqa: E402
     HEADS,
     HIDDEN,
     NUM_LAYERS,
+    band_mask,
     batch,
     bidirectional_mask,
     build,
@@ -119,9 +120,9 @@ def _node_named_in(msg: str, target: str) -> bool:
 
 @pytest.mark.parametrize("mask_fn, explicit, node", [
     (padding_mask, False, "scaled_dot_product_attention"),
-    (sliding_window_mask, False, "scaled_dot_product_attention"),
     (bidirectional_mask, False, "scaled_dot_product_attention"),
-    (sliding_window_mask, True, "masked_fill"),
+    (band_mask(4, hole=(20, 18)), False, "scaled_dot_product_attention"),
+    (band_mask(4, hole=(20, 18)), True, "masked_fill"),
     (padding_mask, True, "masked_fill"),
 ])
 def test_non_causal_masks_are_rejected_naming_the_node(mask_fn, explicit, node):
@@ -146,7 +147,21 @@ def test_causal_mask_through_the_same_path_is_accepted():
                        model(inputs["input_ids"], inputs["labels"])) <= 1e-13
 
 
-def test_hf_sliding_window_is_rejected():
+def test_sliding_window_masks_become_a_window():
+    """A causal sliding window (query i sees keys i-3..i) is no longer rejected: it becomes
+    ``window=(3, 0)`` on the op (tests/single/test_attention_window.py covers it in depth)."""
+    for explicit in (False, True):
+        model = masked_gpt(sliding_window_mask, explicit=explicit)
+        cap = capture(model, seq_len=32)
+        assert canonicalize_attention(cap.gm).info["count"] == NUM_LAYERS
+        assert all(n.kwargs["window"] == [3, 0] and n.meta[meta.ATTENTION_WINDOW] == (3, 0)
+                   for n in _attentions(cap.gm))
+        inputs = batch(2, 16, seed=5)
+        assert rel_err(cap.gm(inputs["input_ids"], inputs["labels"]),
+                       model(inputs["input_ids"], inputs["labels"])) <= 1e-13
+
+
+def test_hf_sliding_window_becomes_a_window():
     import transformers
 
     model, loss_fn = build("hf_qwen2_sdpa", num_layers=1)
@@ -155,6 +170,15 @@ def test_hf_sliding_window_is_rejected():
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(cfg).double()
     cap = capture(model, seq_len=32, loss_fn=loss_fn)
-    with pytest.raises(UnsupportedModelError, match="cannot pipeline") as info:
-        canonicalize_attention(cap.gm)
-    assert _node_named_in(str(info.value), "scaled_dot_product_attention"), str(info.value)
+    canonicalize_attention(cap.gm)
+    assert [n.kwargs["window"] for n in _attentions(cap.gm)] == [[3, 0]]
+    inputs = batch(2, 24, seed=11)
+    ref_loss, _ = loss_and_grads(model, loss_fn, dict(model.named_parameters()), inputs)
+    assert rel_err(cap.gm(inputs["input_ids"], inputs["labels"]), ref_loss) <= 1e-12
+
+
+def test_canonical_graph_of_windowless_models_has_no_window_kwarg():
+    """Callers that pass only causal/scale keep working: a causal model's op has no window."""
+    _, _, program = compiled("hf_llama_sdpa")
+    for n in _attentions(program.captured.gm):
+        assert "window" not in n.kwargs and n.meta[meta.ATTENTION_WINDOW] is None
