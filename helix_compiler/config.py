@@ -26,6 +26,7 @@ class HelixConfig:
     schedule: str = "helix"
     virtual_stages: int | None = None  # interleaved 1F1B only
     head_stage: int | str | None = None  # helix only: a stage, or "auto" (least loaded by the cost model)
+    loss_output: int | str | None = None  # the loss's position/key when the model returns several values
 
     def __post_init__(self) -> None:
         _positive_int("pp_size", self.pp_size)
@@ -50,8 +51,35 @@ class HelixConfig:
             raise HelixError(f"head_stage={self.head_stage!r} must be 'auto' or a stage in 0..{self.pp_size - 1}")
         if self.mlp_chunks is not None:
             _positive_int("mlp_chunks", self.mlp_chunks)
-        if self.schedule == "helix" and self.num_microbatches % (self.pp_size * self.num_folds):
-            pf = self.pp_size * self.num_folds
+            if self.mlp_chunks > self.seq_len:
+                raise HelixError(
+                    f"mlp_chunks={self.mlp_chunks} is larger than seq_len={self.seq_len}: each MLP chunk needs at "
+                    f"least one token; use 1 <= mlp_chunks <= {self.seq_len} (e.g. seq_len/mlp_chunks of a few "
+                    f"thousand tokens), or None")
+        if self.virtual_stages is not None:
+            if self.schedule != "interleaved":
+                raise HelixError(f"virtual_stages={self.virtual_stages!r} applies to schedule='interleaved' only "
+                                 f"(got schedule={self.schedule!r}); leave it None")
+            if isinstance(self.virtual_stages, bool) or not isinstance(self.virtual_stages, int) \
+                    or self.virtual_stages < 2:
+                raise HelixError(f"virtual_stages={self.virtual_stages!r} must be an int >= 2 (model chunks per "
+                                 f"rank), or None to choose one")
+        if self.loss_output is not None and (isinstance(self.loss_output, bool)
+                                             or not isinstance(self.loss_output, (int, str))):
+            raise HelixError(f"loss_output={self.loss_output!r} must be a position (int) or a key/attribute name "
+                             f"(str) of the model's outputs, or None when the model returns the loss alone")
+        M, p = self.num_microbatches, self.pp_size
+        if self.schedule == "helix" and M % (p * self.num_folds):
+            pf = p * self.num_folds
+            below = M // pf * pf
+            options = (below, below + pf) if below else (pf, 2 * pf)
             raise HelixError(
-                f"num_microbatches={self.num_microbatches} must be a multiple of pp_size*num_folds={pf} "
-                f"for the helix schedule; use {pf} or {2 * pf}")
+                f"num_microbatches={M} must be a multiple of pp_size*num_folds={pf} "
+                f"for the helix schedule; use {options[0]} or {options[1]}")
+        if self.schedule in ("1f1b", "zb1p", "interleaved") and M < p:
+            raise HelixError(f"num_microbatches={M} must be >= pp_size={p} for schedule={self.schedule!r} (each "
+                             f"stage keeps up to pp_size micro batches in flight); use num_microbatches >= {p}, "
+                             f"or schedule='gpipe'")
+        if self.schedule == "interleaved" and M % p:
+            raise HelixError(f"num_microbatches={M} must be a multiple of pp_size={p} for schedule='interleaved' "
+                             f"(micro batches go round in groups of pp_size); use {M // p * p} or {(M // p + 1) * p}")

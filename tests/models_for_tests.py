@@ -219,3 +219,149 @@ def masked_gpt(mask_fn, *, explicit: bool = False, num_layers: int = NUM_LAYERS)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=1024, num_layers=num_layers, hidden=HIDDEN, heads=HEADS)
     return MaskedGPT(cfg, mask_fn, explicit=explicit).double()
+
+
+
+# --- models whose layers differ in Python behaviour (layer replication must notice) --------------
+from helix_compiler.models import LlamaBlock, _rotate_half  # noqa: E402
+
+
+class NoPELlamaBlock(LlamaBlock):
+    """A Llama block that skips RoPE when ``how="flag"`` and its ``use_rope`` is False, when
+    ``how="index"`` and ``(layer_idx + 1) % every == 0`` (read in forward), or when its caller
+    passes ``cos=None`` (``how="caller"``)."""
+
+    def __init__(self, cfg: LlamaConfig, index: int, how: str, every: int | None):
+        super().__init__(cfg)
+        self.how, self.every, self.layer_idx = how, every, index
+        if how == "flag":
+            self.use_rope = every is None or (index + 1) % every != 0
+
+    def forward(self, x, cos, sin):
+        if self.how == "flag":
+            rope = self.use_rope
+        elif self.how == "index":
+            rope = self.every is None or (self.layer_idx + 1) % self.every != 0
+        else:
+            rope = cos is not None
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        b, t, _ = h.shape
+        q = a.q_proj(h).view(b, t, a.heads, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
+        if rope:
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        rep = a.heads // a.kv_heads
+        k = k[:, :, None].expand(b, a.kv_heads, rep, t, a.head_dim).reshape(b, a.heads, t, a.head_dim)
+        v = v[:, :, None].expand(b, a.kv_heads, rep, t, a.head_dim).reshape(b, a.heads, t, a.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class NoPELlama(Llama):
+    """Llama without RoPE on every ``every``-th layer (1-based), decided by ``how`` (see
+    ``NoPELlamaBlock``); ``every=None``: RoPE on every layer (a uniform model)."""
+
+    def __init__(self, cfg: LlamaConfig, *, how: str = "flag", every: int | None = 4):
+        super().__init__(cfg)
+        self.how, self.every = how, every
+        self.layers = torch.nn.ModuleList(NoPELlamaBlock(cfg, i, how, every) for i in range(cfg.num_layers))
+
+    def forward(self, input_ids, labels):
+        t = input_ids.shape[1]
+        pos = torch.arange(t, device=input_ids.device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.embed_tokens.weight.dtype), emb.sin().to(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            skip = self.how == "caller" and self.every is not None and (i + 1) % self.every == 0
+            x = layer(x, None if skip else cos, None if skip else sin)
+        logits = self.lm_head(self.norm(x))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def nope_llama(how: str = "flag", *, every: int | None = 4, num_layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, num_layers=num_layers, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS)
+    return NoPELlama(cfg, how=how, every=every).double()
+
+
+def smollm3(*, num_layers: int = 4, no_rope_layers: list[int] | None = None, seed: int = 0):
+    """A tiny Hugging Face SmolLM3 (float64): NoPE on every 4th layer unless ``no_rope_layers``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.SmolLM3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN + 44, num_hidden_layers=num_layers,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256, use_cache=False,
+        attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layers=no_rope_layers)
+    return transformers.SmolLM3ForCausalLM(cfg).double()
+
+
+# --- sliding windows, soft-capping, ALiBi (tests/single/test_attention_window.py) ---------------
+WINDOW_ARCHS = ("mistral", "qwen2", "gemma2")
+
+
+def hf_window_model(arch: str, *, sliding_window: int = 16, attn_implementation: str = "sdpa",
+                    softcap: float | None = None, seed: int = 0, num_layers: int = NUM_LAYERS):
+    """A tiny float64 Hugging Face model with sliding-window attention layers.
+
+    mistral: every layer windowed; qwen2: ``use_sliding_window=True, max_window_layers=1``
+    (layer_types = [full, sliding]); gemma2: its alternating [sliding, full] layers, no final
+    logit soft-capping, attention soft-capping ``softcap`` (None: off)."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, use_cache=False, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN + 44,
+                  num_hidden_layers=num_layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=256, sliding_window=sliding_window,
+                  attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    if arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            use_sliding_window=True, max_window_layers=1, **common))
+    elif arch == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            head_dim=HIDDEN // HEADS, attn_logit_softcapping=softcap, final_logit_softcapping=None, **common))
+    else:
+        raise ValueError(f"unknown arch {arch!r}; use one of {WINDOW_ARCHS}")
+    return model.double()
+
+
+def hf_alibi_model(arch: str, *, seed: int = 0):
+    """Tiny float64 ALiBi models: Bloom, or Falcon with ``alibi=True``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if arch == "bloom":
+        return transformers.BloomForCausalLM(transformers.BloomConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=NUM_LAYERS, n_head=HEADS, use_cache=False)).double()
+    if arch == "falcon":
+        return transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=HEADS,
+            alibi=True, new_decoder_architecture=False, multi_query=False, use_cache=False)).double()
+    raise ValueError(f"unknown arch {arch!r}; use 'bloom' or 'falcon'")
+
+
+def band_mask(window: int, *, hole: tuple[int, int] | None = None, size_dependent: bool = False):
+    """``mask_fn`` for :func:`masked_gpt`: query i keeps keys i-window+1..i (a causal window of
+    ``window`` tokens, Hugging Face's convention). ``hole=(qi, kj)`` also masks one kept entry
+    (whenever the sequence is long enough to have it); ``size_dependent`` makes the window
+    ``t // window`` (it moves with the sequence length)."""
+
+    def fn(input_ids, t):
+        i = torch.arange(t, device=input_ids.device)
+        w = t // window if size_dependent else window
+        keep = (i[:, None] >= i[None, :]) & (i[None, :] > i[:, None] - w)
+        if hole is not None:
+            qi, kj = hole
+            keep = keep & ~((i[:, None] == qi) & (i[None, :] == kj))
+        return keep
+
+    return fn

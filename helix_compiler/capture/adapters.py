@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from ..errors import CaptureError
+from ..errors import CaptureError, HelixError, UnsupportedModelError
 
 
 class HFCausalLM(torch.nn.Module):
@@ -17,7 +17,46 @@ class HFCausalLM(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, labels):
-        return self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        out = self.model(input_ids=input_ids, labels=labels, use_cache=False)
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise CaptureError(
+                f"{type(self.model).__name__} returned {describe_output(out)} without a loss: helix_compiler "
+                f"trains causal language models; use the model class with a language-model head (e.g. "
+                f"LlamaForCausalLM instead of LlamaModel), or pass loss_fn=lambda output, labels: loss")
+        return loss
+
+
+class SelectLoss(torch.nn.Module):
+    """``model(input_ids, labels)[loss_output]``: the loss among several outputs (``loss_output``:
+    a position in a tuple/list, a key of a dict, or an attribute name of an output object)."""
+
+    def __init__(self, model: torch.nn.Module, loss_output: int | str, *, hf: bool = False):
+        super().__init__()
+        self.model = model
+        self.loss_output = loss_output
+        self.hf = hf
+
+    def forward(self, input_ids, labels):
+        if self.hf:
+            out = self.model(input_ids=input_ids, labels=labels, use_cache=False)
+        else:
+            out = self.model(input_ids, labels)
+        key = self.loss_output
+        if isinstance(key, int):
+            if not isinstance(out, (tuple, list)) or not -len(out) <= key < len(out):
+                raise CaptureError(f"loss_output={key} selects a position, but the model returned "
+                                   f"{describe_output(out)}; pass the position of the loss among its outputs")
+            return out[key]
+        if isinstance(out, dict):
+            if key not in out:
+                raise CaptureError(f"loss_output={key!r} is not a key of the model's output "
+                                   f"{describe_output(out)}; use one of {list(out)}")
+            return out[key]
+        if not hasattr(out, key):
+            raise CaptureError(f"loss_output={key!r}: the model returned {describe_output(out)}, "
+                               f"which has no {key!r}")
+        return getattr(out, key)
 
 
 class WithLossFn(torch.nn.Module):
@@ -39,16 +78,68 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "config") and type(model).__module__.startswith("transformers.")
 
 
-def adapt_model(model: torch.nn.Module, *, loss_fn=None) -> torch.nn.Module:
+def describe_output(out, *, depth: int = 0, dim_name=str) -> str:
+    """A short description of what a model returned (shapes of tensors, keys of dicts)."""
+    if isinstance(out, torch.Tensor):
+        kind = str(out.dtype).replace("torch.", "")
+        if out.dim() == 0:
+            return f"a 0-dim {kind} tensor"
+        return f"a {kind} tensor of shape [{', '.join(dim_name(d) for d in out.shape)}]"
+    if depth > 1:
+        return type(out).__name__
+    if isinstance(out, dict) or hasattr(out, "keys") and callable(out.keys):
+        items = ", ".join(f"{k!r}: {describe_output(out[k], depth=depth + 1, dim_name=dim_name)}"
+                          for k in list(out.keys())[:6])
+        return f"{type(out).__name__} {{{items}}}"
+    if isinstance(out, (tuple, list)):
+        items = ", ".join(describe_output(v, depth=depth + 1, dim_name=dim_name) for v in out[:6])
+        return f"a {type(out).__name__} of {len(out)} values ({items})"
+    return f"{type(out).__name__} {out!r}"[:120]
+
+
+def check_model_early(model, *, loss_fn=None, loss_output=None) -> None:
+    """What can be said about ``model`` before any tracing: it is an nn.Module, not an
+    encoder-decoder, and ``loss_fn`` / ``loss_output`` are well-formed."""
+    if model is None:
+        raise HelixError("model=None: pass the torch.nn.Module to compile (e.g. compile_program(model, "
+                         "pp_size=..., seq_len=...))")
     if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"helix_compiler compiles torch.nn.Module instances; got {type(model).__name__}")
+        what = getattr(model, "__name__", None) or type(model).__name__
+        raise HelixError(f"model is a {type(model).__name__} ({what}), not a torch.nn.Module; helix_compiler "
+                         f"compiles nn.Module instances: wrap it in an nn.Module whose forward(input_ids, labels) "
+                         f"returns the loss")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False) is True:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder=True): "
+            f"encoder-decoder models are not supported; helix_compiler pipelines decoder-only causal "
+            f"language models (one token sequence, causal attention): use a decoder-only causal LM such as "
+            f"LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel")
+    if loss_fn is not None and not callable(loss_fn):
+        raise HelixError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn=lambda logits, labels: loss, or "
+                         f"None for a model whose forward(input_ids, labels) returns the loss")
+    if loss_output is not None:
+        if isinstance(loss_output, bool) or not isinstance(loss_output, (int, str)):
+            raise HelixError(f"loss_output={loss_output!r} must be a position (int) or a key/attribute name "
+                             f"(str) of the model's outputs, or None when the model returns the loss alone")
+        if loss_fn is not None:
+            raise HelixError(f"loss_output={loss_output!r} and loss_fn are exclusive: loss_output picks the loss "
+                             f"among the model's outputs, loss_fn computes it from the logits; pass one")
+
+
+def adapt_model(model: torch.nn.Module, *, loss_fn=None, loss_output=None) -> torch.nn.Module:
+    check_model_early(model, loss_fn=loss_fn, loss_output=loss_output)
     if is_hf_model(model):
         model.config.use_cache = False
         if loss_fn is not None:
             return WithLossFn(model, loss_fn)
+        if loss_output is not None:
+            return SelectLoss(model, loss_output, hf=True)
         return HFCausalLM(model)
     if loss_fn is not None:
         return WithLossFn(model, loss_fn)
+    if loss_output is not None:
+        return SelectLoss(model, loss_output)
     params = list(inspect.signature(model.forward).parameters)
     if len(params) < 2:
         raise CaptureError(

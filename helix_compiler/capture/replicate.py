@@ -4,8 +4,11 @@
 takes 13 s. Transformer blocks are copies of one another: export the model with its layer
 ModuleList cut to three blocks, check that blocks 1 and 2 traced to the same ops, and copy
 block 2's nodes for blocks 3..L-1 (renaming parameters and module paths). Used only when
-every block has the same class and parameter shapes and a Hugging Face config (if any) gives
-all layers the same type; ``capture(..., replicate_layers=False)`` turns it off.
+every block has the same class and parameter shapes, a Hugging Face config (if any) gives
+all layers the same type, and ``uniform.prove_uniform`` shows that every block runs as
+block 2 (state, calls, and the recorded ops of blocks whose index their forward may read);
+otherwise every layer is exported. ``CapturedGraph.layer_replication`` says which path was
+taken and why; ``capture(..., replicate_layers=False)`` turns it off.
 """
 
 from __future__ import annotations

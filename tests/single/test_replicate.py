@@ -9,9 +9,21 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from models_for_tests import (  # noqa: E402
+    batch,
+    hf_loss,
+    loss_and_grads,
+    max_grad_err,
+    nope_llama,
+    rel_err,
+    smollm3,
+)
+
+from helix_compiler import compile_program  # noqa: E402
 from helix_compiler.capture import capture  # noqa: E402
 from helix_compiler.capture.replicate import find_uniform_layers  # noqa: E402
 from helix_compiler.models import GPT, GPTConfig, Llama, LlamaConfig, hf_model  # noqa: E402
+from helix_compiler.passes.segment import run_chain  # noqa: E402
 
 
 class IndexScaledBlock(torch.nn.Module):
@@ -82,3 +94,70 @@ def test_uniform_layers_are_found_and_mixed_layer_types_are_not():
     qwen = hf_model("qwen2", num_layers=5)
     qwen.config.layer_types = ["full_attention"] * 3 + ["sliding_attention"] * 2
     assert find_uniform_layers(qwen) is None
+
+
+# --- layers that differ in Python behaviour: replication must prove uniformity or fall back ------
+def _program_matches_model(model, loss_fn, program):
+    """The compiled segment chain's float64 loss and every parameter gradient equal the model's."""
+    inputs = batch(2, 32, seed=5)
+    params = dict(model.named_parameters())
+    ref_loss, ref_grads = loss_and_grads(model, loss_fn, params, inputs)
+    loss = run_chain(program.segments, inputs)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
+    assert rel_err(loss, ref_loss) <= 1e-12, (loss.item(), ref_loss.item())
+    err, where = max_grad_err(grads, ref_grads)
+    assert err <= 1e-12, f"grad of {where}: relative error {err:.3g}"
+
+
+NON_UNIFORM = {
+    # name: (builder, loss_fn, words the reason must contain)
+    "smollm3": (lambda: smollm3(), hf_loss, "block 3's model.model.layers.3.self_attn.use_rope = 0 differs from "
+                                            "block 2's 1"),
+    "nope_flag": (lambda: nope_llama("flag"), None, "block 3's layers.3.use_rope = False differs from block 2's True"),
+    "nope_index": (lambda: nope_llama("index"), None, "block 3 of layers runs other ops than block 2 (its state "
+                                                      "differs only in ['layers.*.layer_idx'], which its forward "
+                                                      "reads)"),
+    "nope_caller": (lambda: nope_llama("caller"), None, "block 3 of layers is called with other arguments than "
+                                                        "block 2"),
+}
+
+
+@pytest.mark.parametrize("name", list(NON_UNIFORM))
+def test_layers_differing_in_python_are_exported_in_full(name):
+    build, loss_fn, reason = NON_UNIFORM[name]
+    model = build()
+    program = compile_program(model, pp_size=2, seq_len=32, loss_fn=loss_fn)
+    info = program.captured.layer_replication
+    assert info["replicated"] is False and info["reason"] == reason, info
+    assert program.layers.num_layers == 4
+    _program_matches_model(model, loss_fn, program)
+
+
+UNIFORM = {
+    "smollm3_rope_everywhere": (lambda: smollm3(no_rope_layers=[1, 1, 1, 1]), hf_loss, "model.model.layers"),
+    "nope_flag_uniform": (lambda: nope_llama("flag", every=None), None, "layers"),
+    "nope_index_uniform": (lambda: nope_llama("index", every=None), None, "layers"),
+    "nope_caller_uniform": (lambda: nope_llama("caller", every=None), None, "layers"),
+    "llama": (lambda: Llama(LlamaConfig(num_layers=4)).double(), None, "layers"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNIFORM))
+def test_uniform_layers_are_still_replicated_and_exact(name):
+    build, loss_fn, prefix = UNIFORM[name]
+    torch.manual_seed(0)
+    model = build()
+    program = compile_program(model, pp_size=2, seq_len=32, loss_fn=loss_fn)
+    info = program.captured.layer_replication
+    assert info == {"replicated": True, "reason": "every block proven to run as block 2", "prefix": prefix,
+                    "num_layers": 4, "traced_layers": 3}
+    _program_matches_model(model, loss_fn, program)
+
+
+def test_meta_model_is_replicated():
+    """The 7B benchmark's path: a model on meta tensors is proven uniform and replicated."""
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(num_layers=6, hidden=128, heads=4, kv_heads=2, ffn=256))
+    cap = capture(model, seq_len=64)
+    assert cap.layer_replication["replicated"] is True
+    assert all(p.device.type == "meta" for p in model.parameters())
