@@ -433,6 +433,10 @@ def attention_share(costs, s, dev, b=1) -> float:
     return att / (att + gemm)
 
 
+def write_benchmarks(path: Path, body: str) -> None:
+    write_section(path, "simulate_paper", body)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--costs", choices=("analytic", "traced"), default="analytic")
@@ -489,7 +493,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def write_benchmarks(path: Path, body: str) -> None:
-    write_section(path, "simulate_paper", body)

@@ -15,6 +15,8 @@ import sys
 import torch
 
 from .config import SCHEDULES
+from .cost.devices import PRESETS, get_device
+from .errors import HelixError
 from .ir.segment import POLICIES
 
 
@@ -49,14 +51,33 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--recompute", choices=POLICIES, default="without_attention")
         p.add_argument("--schedule", choices=SCHEDULES, default="helix")
         if name == "simulate":
-            p.add_argument("--device", default="H20")
+            p.add_argument("--device", default="H20", type=_device_name,
+                           help=f"device preset: {', '.join(PRESETS)} (any case)")
             p.add_argument("--timeline", default=None, help="write a PNG timeline here")
             p.add_argument("--trace", default=None, help="write a Chrome trace (Perfetto) here")
     return ap
 
 
+def _device_name(name: str) -> str:
+    """``--device``: checked before anything compiles (an unknown preset is a usage error
+    listing the presets)."""
+    try:
+        return get_device(name).name
+    except HelixError:
+        raise argparse.ArgumentTypeError(f"unknown device preset {name!r}; presets are "
+                                         f"{', '.join(PRESETS)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except HelixError as e:  # a user-input error: its message says what to change
+        print(f"helix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from .program import compile_program
 
     program = compile_program(_model(args), pp_size=args.pp_size, seq_len=args.seq_len,
@@ -68,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = program.simulate(device=args.device)
     print(result.summary())
+    for line in result.memory_warnings():
+        print(f"warning: {line}", file=sys.stderr)
     if args.timeline:
         result.write_timeline(args.timeline)
         print(f"wrote {args.timeline}")

@@ -19,13 +19,15 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
                   num_folds: int = 2, micro_batch_size: int = 1, loss_fn=None, recompute: str = "without_attention",
                   mlp_chunks: int | None = None, schedule: str = "helix", head_stage: int | str | None = None,
                   virtual_stages: int | None = None, timeout: float = 60.0, check_batch: bool = True,
-                  hooks=(), record_trace: bool = False, transport=None, example_inputs=None) -> HelixPipeline:
+                  hooks=(), record_trace: bool = False, transport=None, example_inputs=None,
+                  loss_output: int | str | None = None) -> HelixPipeline:
     """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
 
     Needs an initialized process group of ``pp_size`` ranks (``torchrun``). ``timeout``
     bounds every wait and collective of the runtime. ``check_batch`` makes every step check
     that all ranks were given the same batch (one small all-reduce). ``hooks`` are called
-    as ``hook(instr, start, end)`` after every instruction (timing, tracing)."""
+    as ``hook(instr, start, end)`` after every instruction (timing, tracing). ``loss_output``:
+    the position or key of the loss when the model returns several values."""
     from .runtime.transport import Transport
 
     if transport is None:
@@ -38,7 +40,8 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
                               num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
                               recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, head_stage=head_stage,
-                              virtual_stages=virtual_stages, loss_fn=loss_fn, example_inputs=example_inputs)
+                              virtual_stages=virtual_stages, loss_fn=loss_fn, example_inputs=example_inputs,
+                              loss_output=loss_output)
     stages = lower_program(program)
     pipe = HelixPipeline(stages, rank=transport.rank, transport=transport, schedule=program.schedule,
                          hooks=tuple(hooks), record_trace=record_trace, check_batch=check_batch)

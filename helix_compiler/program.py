@@ -1,27 +1,34 @@
 """``compile_program``: the offline compiler pipeline, no process group needed.
 
 capture -> canonicalize attention -> tag layers -> cut around attention -> segments ->
-recompute boundaries -> costs (-> placement and schedule, see ``HelixProgram.schedule``).
+costs (-> placement and schedule, see ``HelixProgram.schedule``). Which segments keep and
+rerun what is the recompute policy table (``ir.recompute``), read by the cost model and the
+lowering. Each pass run is recorded in ``HelixProgram.passes`` (name, wall time, FX node
+counts before and after; ``HelixProgram.pass_report()``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import sympy
 import torch
 
 from .capture import CapturedGraph, capture
+from .capture.adapters import check_model_early
+from .capture.export import check_example_inputs
 from .config import HelixConfig
 from .cost.model import segment_cost
 from .errors import HelixError
-from .ir.program import Segment
+from .ir.program import PassRecord, Segment, format_pass_records
 from .ir.segment import B, S, SegmentSpec
 from .passes.attention import canonicalize_attention
 from .passes.cut import LayerCut, cut_attention
 from .passes.layers import LayerInfo, tag_layers
-from .passes.recompute import mark_recompute
 from .passes.segment import build_segments
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,11 @@ class HelixProgram:
     segments: list[Segment]
     schedule: object = None  # lowering.Schedule, filled by compile_program
     info: dict = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)  # every pass compile_program ran, in order
+
+    def pass_report(self) -> str:
+        """One line per pass: wall seconds and FX node counts before -> after."""
+        return format_pass_records(self.passes)
 
     @property
     def specs(self) -> list[SegmentSpec]:
@@ -50,6 +62,31 @@ class HelixProgram:
             if s.name == name:
                 return s
         raise KeyError(f"no segment {name!r}; have {[s.name for s in self.segments]}")
+
+    def reschedule(self, **changes) -> HelixProgram:
+        """The same compiled segments under other schedule options (``schedule``,
+        ``num_microbatches``, ``num_folds``, ``recompute``, ``virtual_stages``, ``head_stage``):
+        a new program with a new schedule, without capturing the model again. Options that
+        change the segment graphs (``pp_size``, ``seq_len``, ``micro_batch_size``,
+        ``mlp_chunks``, whether MLP chunks recompute) need ``compile_program``."""
+        allowed = {"schedule", "num_microbatches", "num_folds", "recompute", "virtual_stages", "head_stage"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise HelixError(f"reschedule({', '.join(unknown)}=...): only {sorted(allowed)} can change without "
+                             f"recompiling; call compile_program for the others")
+        config = dataclasses.replace(self.config, **changes)
+        if config.mlp_chunks and (config.recompute == "none") != (self.config.recompute == "none"):
+            raise HelixError(f"reschedule(recompute={config.recompute!r}): the MLP chunks were compiled "
+                             f"{'without' if self.config.recompute == 'none' else 'with'} recomputation; "
+                             f"call compile_program with mlp_chunks={config.mlp_chunks} and this policy")
+        record = _PassRecorder()
+        record.records = [r for r in self.passes if r.name != "build_schedule"]
+        record.graphs = [seg.gm for seg in self.segments]
+        program = dataclasses.replace(self, config=config, schedule=None, info={}, passes=record.records)
+        with record("build_schedule") as rec:
+            program.schedule = _build_schedule(program)
+            rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions (rescheduled)"
+        return program
 
     def simulate(self, device: str = "H20", **kwargs):
         from .sim import simulate
@@ -75,43 +112,94 @@ class HelixProgram:
         for cut in self.cuts:
             lines.append(f"  layer {cut.layer}: pre-owner -> attention stage sends {list(cut.crossing)} "
                          f"({cut.bytes / 2**20:.3f} MB); runs {len(cut.moved)} pre-attention ops on the attention stage")
+        if self.passes:
+            lines += ["passes:"] + ["  " + line for line in self.pass_report().splitlines()]
         return "\n".join(lines)
 
 
 def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_microbatches: int | None = None,
                     num_folds: int = 2, micro_batch_size: int = 1, recompute: str = "without_attention",
                     mlp_chunks: int | None = None, schedule: str = "helix", virtual_stages: int | None = None,
-                    head_stage: int | str | None = None, example_inputs=None, loss_fn=None) -> HelixProgram:
+                    head_stage: int | str | None = None, example_inputs=None, loss_fn=None,
+                    loss_output: int | str | None = None) -> HelixProgram:
+    """``loss_output``: when the model returns several values (``(loss, logits)``, a dict), the
+    position or key of the loss among them. Bad arguments raise HelixError before any tracing."""
     config = HelixConfig(pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches, num_folds=num_folds,
                          micro_batch_size=micro_batch_size, recompute=recompute, mlp_chunks=mlp_chunks,
-                         schedule=schedule, virtual_stages=virtual_stages, head_stage=head_stage)
+                         schedule=schedule, virtual_stages=virtual_stages, head_stage=head_stage,
+                         loss_output=loss_output)
+    check_model_early(model, loss_fn=loss_fn, loss_output=loss_output)
+    check_example_inputs(example_inputs)
     _check_depth_early(model, pp_size)
-    captured = capture(model, seq_len=seq_len, example_inputs=example_inputs, loss_fn=loss_fn)
+    record = _PassRecorder()
+    with record("capture"):
+        captured = capture(model, seq_len=seq_len, example_inputs=example_inputs, loss_fn=loss_fn,
+                           loss_output=loss_output)
+        record.graphs = [captured.gm]
     gm = captured.gm
-    canonicalize_attention(gm)
-    _, layers = tag_layers(gm)
+    with record("canonicalize_attention"):
+        canonicalize_attention(gm)
+    with record("tag_layers") as rec:
+        _, layers = tag_layers(gm)
+        rec.detail = f"{layers.num_layers} layers"
     if pp_size > layers.num_layers:
         raise HelixError(f"pp_size={pp_size} is larger than the model's {layers.num_layers} layers; "
                          f"use pp_size <= {layers.num_layers}")
-    _, cuts = cut_attention(gm, to_expr=captured.to_cost_expr, seq_len=seq_len, micro_batch_size=micro_batch_size)
-    segments = build_segments(gm, num_layers=layers.num_layers, to_expr=captured.to_cost_expr)
+    with record("cut_attention") as rec:
+        _, cuts = cut_attention(gm, to_expr=captured.to_cost_expr, seq_len=seq_len, micro_batch_size=micro_batch_size)
+        rec.detail = f"{sum(len(c.moved) for c in cuts)} pre-attention ops moved to attention stages"
+    with record("build_segments") as rec:
+        segments = build_segments(gm, num_layers=layers.num_layers, to_expr=captured.to_cost_expr)
+        record.graphs = [seg.gm for seg in segments]
+        rec.detail = f"{len(segments)} segments"
     if mlp_chunks is not None and mlp_chunks > 1:
         from .passes.mlp_chunk import chunk_mlp
 
+        with record("chunk_mlp") as rec:
+            for seg in segments:
+                if seg.spec.kind in ("param", "final"):
+                    chunk_mlp(seg.gm, num_chunks=mlp_chunks, recompute=recompute != "none")
+            rec.detail = f"{mlp_chunks} chunks"
+    with record("segment_cost"):
+        all_params = dict(gm.named_parameters(remove_duplicate=False))
+        param_bytes = {name: p.numel() * p.element_size() for name, p in all_params.items()}
+        owned: set[int] = set()  # parameter objects already counted (a tied weight has two names)
         for seg in segments:
-            if seg.spec.kind in ("param", "final"):
-                chunk_mlp(seg.gm, num_chunks=mlp_chunks, recompute=recompute != "none")
-    mark_recompute(segments, policy=recompute)
-    all_params = dict(gm.named_parameters(remove_duplicate=False))
-    param_bytes = {name: p.numel() * p.element_size() for name, p in all_params.items()}
-    owned: set[int] = set()  # parameter objects already counted (a tied weight has two names)
-    for seg in segments:
-        mine = {n for n in seg.params if id(all_params[n]) not in owned}
-        owned |= {id(all_params[n]) for n in seg.params}
-        seg.cost = segment_cost(seg, to_expr=captured.to_cost_expr, owned_params=mine, param_bytes=param_bytes)
-    program = HelixProgram(config=config, captured=captured, layers=layers, cuts=cuts, segments=segments)
-    program.schedule = _build_schedule(program)
+            mine = {n for n in seg.params if id(all_params[n]) not in owned}
+            owned |= {id(all_params[n]) for n in seg.params}
+            seg.cost = segment_cost(seg, to_expr=captured.to_cost_expr, owned_params=mine, param_bytes=param_bytes)
+    program = HelixProgram(config=config, captured=captured, layers=layers, cuts=cuts, segments=segments,
+                           passes=record.records)
+    with record("build_schedule") as rec:
+        program.schedule = _build_schedule(program)
+        if program.schedule is not None:
+            rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions"
     return program
+
+
+class _Note:
+    detail = ""
+
+
+class _PassRecorder:
+    """``with record(name): ...`` times one pass and appends its :class:`PassRecord`; node
+    counts are over ``graphs`` (the captured graph, then the segment graphs), which the pass
+    may replace inside the block."""
+
+    def __init__(self) -> None:
+        self.records: list[PassRecord] = []
+        self.graphs: list = []
+
+    def nodes(self) -> int:
+        return sum(len(g.graph.nodes) for g in self.graphs)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        before, note, t0, c0 = self.nodes(), _Note(), time.perf_counter(), time.process_time()
+        yield note
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.records.append(PassRecord(name, wall, before, self.nodes(), note.detail, cpu))
+        log.debug("pass %s", self.records[-1])
 
 
 def _check_depth_early(model: torch.nn.Module, pp_size: int) -> None:

@@ -122,6 +122,19 @@ PRESETS: dict[str, DeviceSpec] = {
     # bidirectional (200 per direction), 200 Gb/s HDR per GPU.
     "A800": _preset("A800", {"bf16": 312, "fp16": 312, "fp32": 156}, 0.70, 0.60,
                     2.0, 80, 200, 25),
+    # H200 SXM: NVIDIA's H200 datasheet: the H100 SXM's compute (989 TFLOPS bf16 dense,
+    # 1979 fp8), 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional, 400 Gb/s per GPU.
+    # Datasheet figures, not measured here; achievable fractions taken as the H100's.
+    "H200": _preset("H200", {"fp8": 1979, "bf16": 989, "fp16": 989, "fp32": 495}, 0.65, 0.50,
+                    4.8, 141, 450, 50),
+    # B200 (HGX B200, per GPU): NVIDIA's HGX/DGX B200 datasheets: ~2.25 PFLOPS bf16 dense
+    # (4.5 fp8; the sheets' headline numbers are with 2:4 sparsity, halved here), 192 GB HBM3e
+    # at 8 TB/s (the B200 part; DGX B200 lists 1440 GB for 8 GPUs, i.e. 180 GB usable each),
+    # NVLink 5 1.8 TB/s bidirectional (900 per direction), 400 Gb/s per GPU. "fp32" is TF32
+    # dense (~1.1 PFLOPS), as the H100 preset's 495. Datasheet figures, not measured here;
+    # the achievable fractions are assumed equal to the H100's.
+    "B200": _preset("B200", {"fp8": 4500, "bf16": 2250, "fp16": 2250, "fp32": 1125}, 0.65, 0.50,
+                    8.0, 192, 900, 50),
 }
 
 
@@ -155,8 +168,9 @@ def load_device_profile(path: str | Path) -> DeviceSpec:
 
 
 def get_device(device: str | DeviceSpec, *, profile: str | Path | None = None) -> DeviceSpec:
-    """A preset by name (``"H20"``, ``"H100"``, ``"A800"``), ``"measured"`` with ``profile=``
-    a JSON file, or a :class:`DeviceSpec` (returned as is)."""
+    """A preset by name (``PRESETS``: ``"H20"``, ``"H100"``, ``"H200"``, ``"B200"``,
+    ``"A800"``; any case), ``"measured"`` with ``profile=`` a JSON file, or a
+    :class:`DeviceSpec` (returned as is). Anything else: a ``HelixError`` listing them."""
     if isinstance(device, DeviceSpec):
         return device
     if device == "measured":

@@ -6,7 +6,8 @@ input gradient when the input requires grad, the weight gradient when the weight
 Attention is counted dense as FlopCounterMode counts SDPA (forward 4*b*h*s_q*s_k*d, backward
 twice that); ``SegmentCost.attention_causal_factor`` (1/2) is what a causal kernel really does.
 Saved-activation bytes follow autograd's saved tensors op by op (policy "none") or the
-recompute boundaries (other policies).
+recompute boundaries (other policies); which parts each policy keeps and reruns is the table
+in ``ir.recompute``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.program import Segment
+from ..ir.recompute import policy_for
 from ..ir.segment import POLICIES, SegmentCost
 from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 
@@ -79,6 +81,33 @@ def _base(n: fx.Node) -> fx.Node:
     return n
 
 
+def attention_computed_fraction(sq, sk, causal: bool, window) -> sympy.Expr:
+    """Fraction of the dense ``sq x sk`` score matrix a kernel computes: 1 (full), 1/2 (causal,
+    ``attention_causal_factor``'s value), or, for a causal sliding window ``(left, 0)`` at
+    ``sq == sk == s``, ``band(s) / s**2`` with ``band(s) = s(s+1)/2`` while ``s <= left + 1``
+    and ``(left+1) s - left(left+1)/2`` after (each row sees ``min(i, left) + 1`` keys)."""
+    if window is None or tuple(window) == (-1, -1) or not causal or sympy.simplify(sq - sk) != 0:
+        return sympy.Rational(1, 2) if causal else sympy.Integer(1)
+    left = int(window[0])
+    if left < 0:
+        return sympy.Rational(1, 2)
+    s = sq
+    band = sympy.Piecewise((s * (s + 1) / 2, s <= left + 1),
+                           ((left + 1) * s - sympy.Rational(left * (left + 1), 2), True))
+    return band / (s * s)
+
+
+def _window_extra(attn_frac: list[tuple[sympy.Expr, sympy.Expr]]) -> dict[str, sympy.Expr]:
+    """``extra["attention_computed_fraction"]`` for segments with a windowed attention: the
+    FLOP-weighted fraction of the dense attention FLOPs the kernels compute (a sympy expression
+    in S). ``attention_causal_factor`` stays 1/2 (its readers take it as a number, and a
+    window's fraction depends on s); cost readers that want the window use this key."""
+    if all(frac in (sympy.Rational(1, 2), sympy.Integer(1)) for _, frac in attn_frac):
+        return {}
+    total = sum((f for f, _ in attn_frac), sympy.Integer(0))
+    return {"attention_computed_fraction": sum((f * frac for f, frac in attn_frac), sympy.Integer(0)) / total}
+
+
 def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: dict[str, int]) -> SegmentCost:
     sz = _Sizes(to_expr)
     gm = seg.gm
@@ -101,6 +130,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
             is_param[n] = n.op == "call_function" and n.target in VIEWS and bool(ins) and is_param.get(ins[0], False)
 
     fwd = bwd_in = bwd_w = attn_f = attn_b = sympy.Integer(0)
+    attn_frac: list[tuple[sympy.Expr, sympy.Expr]] = []  # (dense FLOPs, fraction computed) per attention
     saved: dict[fx.Node, sympy.Expr] = {}  # base node -> bytes kept for backward (policy none)
 
     def save(n):
@@ -144,6 +174,8 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
             attn_f += f
             bwd_in += 2 * f
             attn_b += 2 * f
+            attn_frac.append((f, attention_computed_fraction(sq, sk, n.kwargs.get("causal", False),
+                                                             n.kwargs.get("window"))))
             for x in (q, k, v):
                 save(x)
             lse_item = 4 if q.meta["val"].dtype in (torch.float16, torch.bfloat16) else q.meta["val"].element_size()
@@ -180,18 +212,10 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
     out_lse = sum((saved.get(n, 0) for n in attn_nodes), sympy.Integer(0))
     kind = seg.spec.kind
     boundary = act_in + shipped_in
-    saved_bytes = {
-        "none": none_bytes,
-        "full": boundary,
-        "without_attention": boundary + out_lse if kind == "attn" else boundary,
-        "selective": none_bytes - out_lse,
-    }
-    recompute = {
-        "none": sympy.Integer(0),
-        "full": fwd,
-        "without_attention": fwd - attn_f,
-        "selective": attn_f,
-    }
+    rules = {pol: policy_for(pol, kind) for pol in POLICIES}  # the one policy table (ir.recompute)
+    saved_bytes = {pol: r.saved(all=none_bytes, inputs=boundary, attention=out_lse) for pol, r in rules.items()}
+    recompute = {pol: r.rerun_flops(forward=fwd, attention=attn_f, zero=sympy.Integer(0))
+                 for pol, r in rules.items()}
     outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     out_bytes = sum((sz.nbytes(o) for o in outs), sympy.Integer(0)) if seg.spec.kind != "head" else sympy.Integer(0)
     ship_out = sum((sz.nbytes(o) for o in outs if o.op == "get_attr"), sympy.Integer(0))
@@ -202,4 +226,5 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
         attention_flops_bwd=sympy.expand(attn_b), recompute_flops={k: sympy.expand(v) for k, v in recompute.items()},
         saved_bytes={k: sympy.expand(v) for k, v in saved_bytes.items()},
         param_bytes=sympy.Integer(sum(param_bytes[p] for p in seg.params if p in owned_params)),
-        out_bytes=sympy.expand(out_bytes), shipped_param_bytes=sympy.expand(ship_out))
+        out_bytes=sympy.expand(out_bytes), shipped_param_bytes=sympy.expand(ship_out),
+        extra=_window_extra(attn_frac))

@@ -49,6 +49,10 @@ DIRECTIONS = ("fwd", "bwd")
 FREE_VALUES = ("stash", "fwd", "bwd")
 RECOMPUTE_PARTS = ("all", "pre")
 SCHEDULE_KINDS = ("helix", "gpipe", "1f1b", "interleaved", "zb1p")
+# A rank posts each receive this many RECVs before the one it waits for (gloo moves data only
+# into a posted buffer, so the next input arrives while the rank computes). The buffer exists
+# from the post: the runtime does this and the simulator counts it.
+RECV_LOOKAHEAD = 2
 
 _SEG_RE = re.compile(r"^(E|H|[AP][1-9][0-9]*)$")
 

@@ -1,13 +1,11 @@
 """Lowering step: insert recompute instructions (activation checkpointing) before backwards.
 
-Pure ``Schedule -> Schedule``. Policies (``ir.segment.POLICIES``):
-
-* ``"none"``: nothing is recomputed.
-* ``"without_attention"`` (HelixPipe, HELIXPIPE.md 3): ``R c m all`` before the backward of
-  every non-attention segment; ``R c m pre`` before the backward of every attention segment
-  (only the pre-function, e.g. the QKV projection, is rerun; attention keeps out + lse).
-* ``"full"``: ``R c m all`` before the backward of every segment.
-* ``"selective"``: ``R c m all`` before the backward of attention segments only.
+Pure ``Schedule -> Schedule``. Which segments get an ``R`` and with which part is the
+policy table's (``ir.recompute``: ``policy_for(policy, kind).part``): under ``"none"`` none;
+``"without_attention"`` (HelixPipe, HELIXPIPE.md 3) ``R c m all`` before the backward of
+every non-attention segment and ``R c m pre`` before the backward of every attention segment
+(rerun with the attention replayed from its recorded out + lse); ``"full"`` ``R c m all``
+everywhere; ``"selective"`` ``R c m all`` before attention segments only.
 
 The R goes right before the backward (``B``, or ``I`` for zero-bubble schedules), and before
 the RECVs that wait for that backward's gradient, so the recomputation overlaps the wait. A
@@ -18,25 +16,12 @@ backward whose forward is the previous compute instruction of the rank (e.g. the
 from __future__ import annotations
 
 from ..errors import ScheduleError
+from ..ir.recompute import check_policy, recompute_part
 from ..ir.schedule import Instr, Schedule
-from ..ir.segment import POLICIES
-
-
-def recompute_part(policy: str, seg_kind: str) -> str | None:
-    """The ``R`` part for a segment of ``seg_kind`` under ``policy`` (None: no recompute)."""
-    if policy not in POLICIES:
-        raise ScheduleError(f"recompute policy {policy!r} is not one of {POLICIES}")
-    if policy == "none":
-        return None
-    if policy == "full":
-        return "all"
-    if policy == "without_attention":
-        return "pre" if seg_kind == "attn" else "all"
-    return "all" if seg_kind == "attn" else None  # selective
 
 
 def insert_recompute(schedule: Schedule, policy: str) -> Schedule:
-    recompute_part(policy, "attn")  # validates the policy
+    check_policy(policy, error=ScheduleError)
     if any(i.op == "R" for p in schedule.programs for i in p):
         raise ScheduleError("insert_recompute: the schedule already has R instructions "
                             f"(lowered steps: {schedule.lowered})")

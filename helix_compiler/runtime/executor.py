@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RuntimeFailure
-from ..ir.schedule import Instr
+from ..ir.recompute import part_rule
+from ..ir.schedule import RECV_LOOKAHEAD, Instr
 from ..ir.stage_program import StageProgram, StageSegment
 from ..kernels import attention_replay
 
@@ -82,7 +83,7 @@ def _replaying_rng(state: tuple | None, device: torch.device):
 
 class Executor:
     def __init__(self, program: StageProgram, *, transport, hooks: Sequence[InstrHook] = (),
-                 record_trace: bool = False, recv_lookahead: int = 2):
+                 record_trace: bool = False, recv_lookahead: int = RECV_LOOKAHEAD):
         self.program = program
         self.rank = program.rank
         self.transport = transport
@@ -100,9 +101,8 @@ class Executor:
         self.grad_scale = 1.0
         self.training = True
         self.forward_only = False
-        # Receives are posted up to `recv_lookahead` RECVs ahead of the one being waited for (in
-        # program order, which keeps the per-pair FIFO order): gloo moves data only once a
-        # receive is posted, so this lets the next input arrive while this rank computes.
+        # Receives are posted up to `recv_lookahead` RECVs ahead of the one being waited for, in
+        # program order (which keeps the per-pair FIFO order); see ir.schedule.RECV_LOOKAHEAD.
         self.recv_lookahead = recv_lookahead
         self._instrs: tuple[Instr, ...] = program.instrs
         self._recv_at: list[int] = []
@@ -179,16 +179,13 @@ class Executor:
         # the head's real forward reuses the RNG state of the loss preview forward() returned
         replay = self.state.preview_rng.pop(i.mb, None) if i.seg == self.program.head else None
         rng = replay if replay is not None else self._rng(seg)
-        with _replaying_rng(replay, self.device):
-            if part is None:
-                with torch.enable_grad():
-                    outs = self._call(seg, leaves, i.mb)
-                self.state.stash[(i.seg, i.mb)] = _Stash(leaves, outs, rng=rng)
-            else:
-                cache: list = []
-                with torch.no_grad(), attention_replay.mode("record" if part == "pre" else "direct", cache):
-                    outs = self._call(seg, leaves, i.mb)
-                self.state.stash[(i.seg, i.mb)] = _Stash(leaves, None, cache, rng=rng)
+        rule = part_rule(part)  # what the recompute policy table says this forward keeps
+        cache: list = []
+        with _replaying_rng(replay, self.device), torch.set_grad_enabled(rule.forward_grad), \
+                attention_replay.mode(rule.forward_attention, cache):
+            outs = self._call(seg, leaves, i.mb)
+        self.state.stash[(i.seg, i.mb)] = (_Stash(leaves, outs, rng=rng) if rule.forward_grad
+                                           else _Stash(leaves, None, cache or None, rng=rng))
         self._outputs(i, outs)
 
     def _outputs(self, i: Instr, outs) -> None:
@@ -218,7 +215,7 @@ class Executor:
         seg = self.program.segments[i.seg]
         st = self.state.stash[(i.seg, i.mb)]
         with torch.enable_grad(), _replaying_rng(st.rng, self.device), \
-                attention_replay.mode("replay" if i.part == "pre" else "direct", st.attention):
+                attention_replay.mode(part_rule(i.part).recompute_attention, st.attention):
             st.outputs = self._call(seg, st.inputs, i.mb)
         st.attention = None
 

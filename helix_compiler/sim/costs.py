@@ -11,8 +11,8 @@ Durations of one segment for one micro batch on a device (``dtype`` picks the pe
 
 ``F`` uses the forward FLOPs, ``B`` the backward, ``I`` / ``W`` the input- / weight-gradient
 shares (attention backward counts as input gradient), ``R`` the recompute FLOPs of the
-schedule's policy (attention FLOPs in them, at the attention rate, only for policies that rerun
-attention: ``full`` and ``selective``).
+schedule's policy (attention FLOPs in them, at the attention rate, only where the policy table
+``ir.recompute`` says the recompute reruns attention: ``full`` and ``selective``).
 Memory: ``saved_bytes[policy]`` is kept from the end of ``F`` to the stash's ``FREE``; ``R``
 adds ``saved_bytes["none"] - saved_bytes[policy]`` (what the recomputation rematerializes)
 until then. Messages carry ``out_bytes`` (the gradient of a boundary has its size).
@@ -27,7 +27,8 @@ import sympy
 
 from ..cost.devices import DeviceSpec
 from ..errors import HelixError
-from ..ir.segment import POLICIES, B, S, SegmentCost, chain_specs
+from ..ir.recompute import STASH_ALL, STASH_INPUTS, STASH_INPUTS_ATTENTION, check_policy, policy_for
+from ..ir.segment import POLICIES, B, S, SegmentCost, SegmentSpec, chain_specs
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class OpTimes:
     saved_bytes: tuple[float, ...]
     recompute_bytes: tuple[float, ...]
     out_bytes: tuple[float, ...]
+    # weights among a segment's outputs (shipped to an attention stage): a forward that hands
+    # them over on its own rank allocates nothing for them ...
+    shipped_bytes: tuple[float, ...] = ()
+    # ... and the part of saved_bytes that is those weights received as inputs
+    shipped_saved: tuple[float, ...] = ()
 
     def duration(self, op: str, c: int) -> float:
         return {"F": self.fwd, "B": self.bwd, "I": self.bwd_input, "W": self.bwd_weight,
@@ -58,9 +64,15 @@ class OpTimes:
 
 
 def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_size: int,
-             seq_len: int, dtype: str = "bf16", recompute: str = "none") -> OpTimes:
-    if recompute not in POLICIES:
-        raise HelixError(f"recompute={recompute!r} is not one of {POLICIES}")
+             seq_len: int, dtype: str = "bf16", recompute: str = "none",
+             specs: Sequence[SegmentSpec] | None = None) -> OpTimes:
+    """Durations and bytes of every segment of the chain (``specs``: its segment specs; by
+    default the chain of ``(len(costs) - 2) / 2`` layers)."""
+    check_policy(recompute)
+    if specs is None:
+        specs = chain_specs((len(costs) - 2) // 2)
+    if len(specs) != len(costs):
+        raise HelixError(f"op_times: {len(costs)} SegmentCosts for {len(specs)} segment specs")
     mm = device.matmul_rate(dtype)
     at = device.attention_rate(dtype)
     bw = device.memory_bandwidth
@@ -91,7 +103,7 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
             raise HelixError(f"segment {k}: its SegmentCost has no recompute_flops for policy "
                              f"{recompute!r} (it has {sorted(c.recompute_flops)})")
         rf = num(c.recompute_flops.get(recompute, 0))
-        ra = min(rf, a_f) if recompute in ("full", "selective") else 0.0
+        ra = min(rf, a_f) if policy_for(recompute, specs[k].kind).reruns_attention else 0.0
         fields["recompute"].append((rf - ra) / mm + ra * cf / at)
         if recompute not in c.saved_bytes:
             raise HelixError(f"segment {k}: its SegmentCost has no saved_bytes for policy "
@@ -101,6 +113,9 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
         fields["saved_bytes"].append(saved)
         fields["recompute_bytes"].append(max(full - saved, 0.0) if rf > 0 else 0.0)
         fields["out_bytes"].append(num(c.out_bytes))
+        fields["shipped_bytes"].append(num(c.shipped_param_bytes))
+        counts_inputs = policy_for(recompute, specs[k].kind).stash in (STASH_INPUTS, STASH_INPUTS_ATTENTION)
+        fields["shipped_saved"].append(fields["shipped_bytes"][k - 1] if k > 0 and counts_inputs else 0.0)
     return OpTimes(**{k: tuple(v) for k, v in fields.items()})
 
 
@@ -139,6 +154,16 @@ def uniform_chain_costs(num_layers: int, *, attn_fwd: float = 4.0, attn_pre_fwd:
     def R(x) -> sympy.Rational:  # 0.1 -> 1/10 exactly (fast; nsimplify is slow)
         return sympy.Rational(repr(float(x)))
 
+    def rerun(kind: str, fwd, afwd) -> dict[str, sympy.Expr]:  # the policy table's rerun FLOPs
+        return {pol: sympy.sympify(policy_for(pol, kind).rerun_flops(forward=fwd, attention=afwd))
+                for pol in POLICIES}
+
+    def keep(kind: str, saved_none) -> dict[str, sympy.Expr]:
+        # a segment that keeps all it keeps under "none" keeps saved_none, a checkpointed one
+        # (inputs, with or without the attention's out + lse) the fraction
+        ck = R(recompute_saved_fraction) * saved_none
+        return {pol: saved_none if policy_for(pol, kind).stash == STASH_ALL else ck for pol in POLICIES}
+
     by_kind: dict[str, SegmentCost] = {}
     out = []
     for spec in chain_specs(num_layers):
@@ -152,17 +177,12 @@ def uniform_chain_costs(num_layers: int, *, attn_fwd: float = 4.0, attn_pre_fwd:
             bwd = R(bwd_factor) * fwd
             abwd = R(bwd_factor) * afwd
             pre_w = R(bwd_factor * weight_share * attn_pre_fwd) * lin
-            rec = {"none": 0, "without_attention": R(attn_pre_fwd) * lin, "full": fwd,
-                   "selective": afwd}
             saved_none = R(attn_saved) * lin
-            saved = {"none": saved_none, "without_attention": R(recompute_saved_fraction) * saved_none,
-                     "full": R(recompute_saved_fraction) * saved_none,
-                     "selective": R(recompute_saved_fraction) * saved_none}
             out.append(SegmentCost(
                 flops_fwd=fwd, flops_bwd=bwd, flops_bwd_input=bwd - pre_w, flops_bwd_weight=pre_w,
                 attention_flops_fwd=afwd, attention_flops_bwd=abwd,
-                recompute_flops={k: sympy.sympify(v) for k, v in rec.items()},
-                saved_bytes=saved, param_bytes=sympy.Integer(0),
+                recompute_flops=rerun(spec.kind, fwd, afwd),
+                saved_bytes=keep(spec.kind, saved_none), param_bytes=sympy.Integer(0),
                 out_bytes=R(out_bytes) * lin, attention_causal_factor=R(causal_factor)))
             by_kind[spec.kind] = out[-1]
             continue
@@ -172,14 +192,11 @@ def uniform_chain_costs(num_layers: int, *, attn_fwd: float = 4.0, attn_pre_fwd:
         bwd = R(bwd_factor) * fwd
         w = R(weight_share) * bwd
         saved_none = R(sv) * lin
-        ck = R(recompute_saved_fraction) * saved_none
         out.append(SegmentCost(
             flops_fwd=fwd, flops_bwd=bwd, flops_bwd_input=bwd - w, flops_bwd_weight=w,
             attention_flops_fwd=sympy.Integer(0), attention_flops_bwd=sympy.Integer(0),
-            recompute_flops={"none": sympy.Integer(0), "without_attention": fwd, "full": fwd,
-                             "selective": sympy.Integer(0)},
-            saved_bytes={"none": saved_none, "without_attention": ck, "full": ck,
-                         "selective": saved_none},
+            recompute_flops=rerun(spec.kind, fwd, sympy.Integer(0)),
+            saved_bytes=keep(spec.kind, saved_none),
             param_bytes=sympy.Integer(0),
             out_bytes=sympy.Integer(0) if spec.kind == "head" else R(out_bytes) * lin,
             attention_causal_factor=R(causal_factor)))

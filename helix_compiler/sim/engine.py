@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from ..cost.devices import DeviceSpec, get_device
 from ..errors import ScheduleError
-from ..ir.schedule import Instr, Schedule
+from ..ir.schedule import RECV_LOOKAHEAD, Instr, Schedule
 from ..ir.segment import SegmentCost, SegmentSpec
 from .costs import OpTimes, op_times
 
@@ -94,6 +94,17 @@ class SimResult:
     def peak_memory_bytes(self) -> list[float]:
         return [max((b for _, b in tl), default=0.0) for tl in self.memory_timeline]
 
+    def memory_warnings(self, memory_bytes: float | None = None) -> list[str]:
+        """One line per rank whose peak activation memory exceeds ``memory_bytes`` (default:
+        the simulated device's memory; none when it is unknown, i.e. not > 0 or infinite).
+        Activations only: parameters, gradients and optimizer state would come on top."""
+        limit = self.meta.get("device_memory_bytes") if memory_bytes is None else memory_bytes
+        if limit is None or not 0 < limit < math.inf:
+            return []
+        return [f"rank {r}: peak activations {peak / 1e9:.3f} GB exceed the {self.device_name or 'device'}'s "
+                f"{limit / 1e9:.3f} GB of memory (before parameters, gradients and optimizer state)"
+                for r, peak in enumerate(self.peak_memory_bytes) if peak > limit]
+
     @property
     def comm_bytes(self) -> float:
         return sum(m.nbytes for m in self.messages)
@@ -155,10 +166,12 @@ def _category(instr: Instr, kind: str) -> str:
 
 def simulate_times(schedule: Schedule, times: OpTimes, *,
                    link: Callable[[int, int], tuple[float, float]] | None = None,
-                   tokens_per_iteration: float = 0.0, device_name: str = "") -> SimResult:
+                   tokens_per_iteration: float = 0.0, device_name: str = "",
+                   recv_lookahead: int = RECV_LOOKAHEAD) -> SimResult:
     """Simulate with explicit per-segment numbers. ``link(src, dst) -> (bytes/s, latency s)``
     (default: infinitely fast, zero latency). A schedule without communication instructions
-    (a compute-only order) gets them inserted first."""
+    (a compute-only order) gets them inserted first. A receive buffer exists from its post,
+    ``recv_lookahead`` RECVs before the rank waits on it (as the runtime posts them)."""
     n_seg = len(schedule.specs)
     if len(times.fwd) != n_seg:
         raise ScheduleError(f"OpTimes has {len(times.fwd)} segments, the schedule's chain has "
@@ -193,15 +206,40 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
             if is_stash:
                 stash_only[r].append((t, delta))
 
-    def add_buf(r: int, key, t: float) -> None:
-        nbytes = times.out_bytes[key[1]]
-        bufs[r][key] = [nbytes, t]
+    def shipped(c: int) -> float:
+        return times.shipped_bytes[c] if times.shipped_bytes else 0.0
+
+    def add_buf(r: int, key, t: float, *, local: bool = False) -> None:
+        # a local output's shipped weights are the parameters themselves, not new memory
+        nbytes = times.out_bytes[key[1]] - (shipped(key[1]) if local and key[0] == "fwd" else 0.0)
+        bufs[r][key] = [nbytes, t, local]
         mem(r, t, nbytes)
+
+    fresh = {(r, k) for r, ins in enumerate(progs) for k in _fresh_forwards(ins)}
+    # forwards that run under autograd (no R for them): the runtime's stash keeps their outputs
+    grad_forwards = {(r, idx[i.seg], i.mb) for r, ins in enumerate(progs) for i in ins if i.op == "F"} - {
+        (r, idx[i.seg], i.mb) for r, ins in enumerate(progs) for i in ins if i.op == "R"}
+    # receives posted ahead: each rank's RECVs in order; posted[r] = how many are posted
+    recvs = [[k for k, i in enumerate(ins) if i.op == "RECV"] for ins in progs]
+    recv_ordinal = [{k: n for n, k in enumerate(rs)} for rs in recvs]
+    posted = [0] * p
+
+    def post_receives(r: int, upto: int, t: float) -> None:
+        while posted[r] < min(upto + 1, len(recvs[r])):
+            mem(r, t, times.out_bytes[idx[progs[r][recvs[r][posted[r]]].seg]])
+            posted[r] += 1
 
     def drop_buf(r: int, key, t: float) -> None:
         b = bufs[r].pop(key, None)
-        if b is not None:
+        if b is None:
+            return
+        value, c, m = key
+        if value == "fwd" and (r, c, m) in grad_forwards and (c, m) in stash[r]:
+            stash[r][(c, m)] += b[0]  # its autograd graph still holds the output until B
             mem(r, max(t, b[1]), -b[0])
+            mem(r, max(t, b[1]), b[0], True)
+            return
+        mem(r, max(t, b[1]), -b[0])
 
     def drop_stash(r: int, key, t: float) -> None:
         nbytes = stash[r].pop(key, 0.0)
@@ -218,6 +256,7 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
                 c = idx[i.seg]
                 t = clock[r]
                 if i.op == "RECV":
+                    post_receives(r, recv_ordinal[r][pcs[r]] + recv_lookahead, t)
                     q = queues[(i.peer, r)]
                     if not q:
                         break
@@ -226,7 +265,7 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
                         raise ScheduleError(f"simulate: rank {r} '{i}' got message {key}; "
                                             "run validate_schedule first")
                     clock[r] = max(t, arrival)
-                    add_buf(r, key, clock[r])
+                    bufs[r][key] = [times.out_bytes[c], clock[r], False]  # its bytes count from the post
                 elif i.op == "SEND":
                     nbytes = times.out_bytes[c]
                     bw, lat = link(r, i.peer)
@@ -255,17 +294,24 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
                     clock[r] = end
                     m = i.mb
                     if i.op == "F":
+                        local_in = False
                         if c > 0:  # the input moves into this segment's stash
                             bb = bufs[r].get(("fwd", c - 1, m))
                             if bb is not None:
                                 bufs[r].pop(("fwd", c - 1, m))
                                 mem(r, max(t, bb[1]), -bb[0])
-                        stash[r][(c, m)] = times.saved_bytes[c]
-                        mem(r, end, times.saved_bytes[c], True)
+                                local_in = bb[2]
+                        # a backward that follows its forward at once has no R: the forward
+                        # ran under autograd and keeps what an R would have rebuilt
+                        kept = times.saved_bytes[c] + (times.recompute_bytes[c] if (r, pcs[r]) in fresh else 0.0)
+                        if local_in and times.shipped_saved:  # stashed weights that are the parameters
+                            kept -= times.shipped_saved[c]
+                        stash[r][(c, m)] = kept
+                        mem(r, end, kept, True)
                         if c < last:
-                            add_buf(r, ("fwd", c, m), end)
-                    elif i.op == "R":
-                        extra = times.recompute_bytes[c]
+                            add_buf(r, ("fwd", c, m), end, local=True)
+                    elif i.op == "R":  # rebuilds the autograd graph, and the outputs it holds
+                        extra = times.recompute_bytes[c] + times.out_bytes[c]
                         stash[r][(c, m)] = stash[r].get((c, m), 0.0) + extra
                         mem(r, t, extra, True)
                     elif i.op in ("B", "I"):
@@ -294,6 +340,19 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
     return SimResult(schedule=schedule, iteration_time=T, busy=busy, events=events,
                      messages=messages, memory_timeline=timelines, peak_stash_bytes=peaks_stash,
                      tokens_per_iteration=tokens_per_iteration, device_name=device_name)
+
+
+def _fresh_forwards(ins) -> list[int]:
+    """Positions of forwards whose backward is the rank's next compute instruction (no R in
+    between: the lowering inserts none there)."""
+    out = []
+    for k, i in enumerate(ins):
+        if i.op != "F":
+            continue
+        nxt = next((j for j in ins[k + 1:] if j.is_compute), None)
+        if nxt is not None and nxt.op in ("B", "I") and nxt.seg == i.seg and nxt.mb == i.mb:
+            out.append(k)
+    return out
 
 
 def _same_node_key(link, src: int, dst: int) -> bool:
@@ -333,7 +392,7 @@ class Topology:
 def simulate(schedule: Schedule, specs: Sequence[SegmentSpec], costs: Sequence[SegmentCost], *,
              device: str | DeviceSpec = "H20", micro_batch_size: int = 1, seq_len: int,
              dtype: str = "bf16", recompute: str | None = None, stages_per_node: int = 1,
-             profile=None) -> SimResult:
+             profile=None, recv_lookahead: int = RECV_LOOKAHEAD) -> SimResult:
     """Simulate one training iteration of ``schedule`` with durations from the cost model.
 
     ``recompute`` defaults to the policy the schedule was lowered with (passing another one is
@@ -354,9 +413,9 @@ def simulate(schedule: Schedule, specs: Sequence[SegmentSpec], costs: Sequence[S
                             f"build_schedule(..., recompute={recompute!r})")
     dev = get_device(device, profile=profile)
     times = op_times(costs, dev, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype,
-                     recompute=policy)
+                     recompute=policy, specs=specs)
     topo = Topology(dev, stages_per_node)
-    res = simulate_times(schedule, times, link=topo,
+    res = simulate_times(schedule, times, link=topo, recv_lookahead=recv_lookahead,
                          tokens_per_iteration=schedule.num_microbatches * micro_batch_size * seq_len,
                          device_name=dev.name)
     res.meta.update(micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype,

@@ -16,14 +16,15 @@ from helix_compiler.sim import simulate, uniform_chain_costs, unit_device
 from helix_compiler.sim.costs import op_times
 
 
-def run(kind, p, L, M, F=1, *, recompute="none", device=None, costs=None, **kw):
+def run(kind, p, L, M, F=1, *, recompute="none", device=None, costs=None, recv_lookahead=0, **kw):
+    """Simulate with the paper's memory model by default (no receive posted ahead)."""
     specs = chain_specs(L)
     costs = costs or uniform_chain_costs(L, attn_fwd=3, param_fwd=1)
     if kw.get("head_stage") == "auto":
         kw.update(costs=costs, seq_len=1)
     s = build_schedule(specs, kind=kind, num_stages=p, num_microbatches=M, num_folds=F,
                        recompute=recompute, **kw)
-    return simulate(s, specs, costs, device=device or unit_device(), seq_len=1)
+    return simulate(s, specs, costs, device=device or unit_device(), seq_len=1, recv_lookahead=recv_lookahead)
 
 
 # ---------------------------------------------------------------------------- bubbles
@@ -174,6 +175,16 @@ def test_final_hidden_states_wait_on_stage0_until_the_head():
     assert r.peak_memory_bytes[0] - r.peak_stash_bytes[0] == 8
 
 
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_receives_posted_ahead_count_from_their_post(lookahead):
+    # the runtime posts each receive `lookahead` RECVs early: stage 0, at the peak above, also
+    # holds the buffers of the next `lookahead` gradients it is about to receive
+    costs = uniform_chain_costs(8, attn_fwd=3, param_fwd=1, attn_saved=3, param_saved=2,
+                                out_bytes=1)
+    r = run("helix", 4, 8, 8, 2, costs=costs, recv_lookahead=lookahead)
+    assert r.peak_memory_bytes[0] - r.peak_stash_bytes[0] == 8 + lookahead
+
+
 def test_communication_volume():
     costs = uniform_chain_costs(8, out_bytes=2)
     r = run("1f1b", 4, 8, 8, costs=costs)
@@ -221,15 +232,49 @@ def test_slot_grid_picture_for_baselines():
 
 # ---------------------------------------------------------------------------- devices
 def test_presets_and_lookup():
-    assert set(PRESETS) == {"H20", "H100", "A800"}
-    assert get_device("h20") is PRESETS["H20"]
+    assert set(PRESETS) == {"H20", "H100", "H200", "B200", "A800"}
+    assert get_device("h20") is PRESETS["H20"] and get_device("b200") is PRESETS["B200"]
     assert PRESETS["H20"].peak("bf16") == 148e12
-    with pytest.raises(HelixError, match="unknown device 'B300'"):
+    with pytest.raises(HelixError, match=r"unknown device 'B300'; presets are \['A800', 'B200', 'H100', "
+                                         r"'H20', 'H200'\] or 'measured'"):
         get_device("B300")
     with pytest.raises(HelixError, match="profile="):
         get_device("measured")
     with pytest.raises(HelixError, match="no peak for dtype='fp8'"):
         PRESETS["A800"].peak("fp8")
+
+
+def test_h200_and_b200_datasheet_presets():
+    h100, h200, b200 = PRESETS["H100"], PRESETS["H200"], PRESETS["B200"]
+    # H200: the H100 SXM's compute, 141 GB HBM3e at 4.8 TB/s
+    assert h200.peak_flops == h100.peak_flops and h200.matmul_fraction == h100.matmul_fraction
+    assert (h200.memory_bytes, h200.memory_bandwidth) == (141e9, 4.8e12)
+    assert h200.intra_node_bandwidth == h100.intra_node_bandwidth
+    # B200: ~2.25 PFLOPS bf16 dense, 192 GB HBM3e at 8 TB/s, NVLink 5 1.8 TB/s (900 GB/s a way)
+    assert b200.peak("bf16") == 2.25e15 and b200.peak("fp8") == 2 * b200.peak("bf16")
+    assert (b200.memory_bytes, b200.memory_bandwidth) == (192e9, 8e12)
+    assert b200.intra_node_bandwidth == 900e9 == 2 * h100.intra_node_bandwidth
+    # same schedule and costs: faster compute, same activations
+    a = run("helix", 2, 4, 4, 2, device=h100)
+    b = run("helix", 2, 4, 4, 2, device=b200)
+    assert b.iteration_time < a.iteration_time and b.peak_memory_bytes == a.peak_memory_bytes
+
+
+def test_memory_warnings_name_the_ranks_over_the_device_memory():
+    costs = uniform_chain_costs(4, attn_fwd=3, param_fwd=1, attn_saved=2.0, param_saved=1.0)
+    r = run("1f1b", 2, 4, 4, costs=costs)
+    peaks = r.peak_memory_bytes
+    assert peaks[0] > peaks[1] > 0  # 1F1B: stage 0 holds the most
+    assert r.memory_warnings() == []  # the unit device has unlimited memory
+    assert r.memory_warnings(max(peaks)) == []  # at the limit is not over it
+    between = (peaks[0] + peaks[1]) / 2
+    (w,) = r.memory_warnings(between)
+    assert w.startswith("rank 0: peak activations") and "before parameters" in w
+    assert [x.split(":")[0] for x in r.memory_warnings(min(peaks) / 2)] == ["rank 0", "rank 1"]
+    r.meta["device_memory_bytes"] = between  # what simulate() records from the device
+    assert len(r.memory_warnings()) == 1
+    r.meta["device_memory_bytes"] = 0.0  # a profile without memory_gb: unknown, no warning
+    assert r.memory_warnings() == []
 
 
 def test_measured_profile_round_trip(tmp_path):
