@@ -30,8 +30,8 @@ def _build(arch: str, dtype: torch.dtype):
 
 
 def _worker(rank: int, cfg: dict) -> dict:
-    from helix_compiler.capture.adapters import adapt_model
     from helix_compiler import helix_compile
+    from helix_compiler.capture.adapters import adapt_model
 
     dtype = cfg["dtype"]
     model = _build(cfg["arch"], dtype)
