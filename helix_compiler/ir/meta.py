@@ -5,7 +5,6 @@ from __future__ import annotations
 ROLE = "helix_role"  # embed | pre | attn | post | final | head
 LAYER = "helix_layer"  # 1-based layer index, or None outside layers
 REMAT = "helix_remat"  # True: input-independent, recomputed on every stage that needs it
-RECOMPUTE = "helix_recompute"  # recompute policy applied to the node's segment
 ATTENTION_CAUSAL = "helix_causal"
 # on a helix::attention node: (left, right) sliding window as the op's ``window`` kwarg, None = none
 ATTENTION_WINDOW = "helix_window"
