@@ -109,8 +109,9 @@ class Executor:
         self._recv_pos: dict[int, int] = {}
         self._posted: dict[int, object] = {}
         self._next_post = 0
+        # RECV is handled in run(): it posts receives ahead by position in the program
         self.dispatch = {"F": self._forward, "R": self._recompute, "B": self._backward,
-                         "SEND": self._send, "RECV": self._receive, "FREE": self._free}
+                         "SEND": self._send, "FREE": self._free}
 
     # -------------------------------------------------------------------------------- driving
     def begin(self, inputs: list[dict[str, torch.Tensor]], *, forward_only: bool = False,
@@ -141,8 +142,6 @@ class Executor:
                         self.dispatch[instr.op](instr)
             except Exception as e:
                 where = f"instruction {k} '{instr}' (segment {instr.seg}, micro batch {instr.mb})"
-                if isinstance(e, RuntimeFailure) and f"rank {self.rank} failed at" in str(e):
-                    raise
                 raise RuntimeFailure(f"rank {self.rank} failed at {where}: {type(e).__name__}: {e}",
                                      rank=self.rank, peer=getattr(e, "peer", None),
                                      fold=getattr(e, "fold", instr.fold),
