@@ -24,7 +24,8 @@ class RuntimeFailure(RuntimeError):
     """A rank failed or timed out while running a stage program.
 
     The optional fields say where: ``rank`` (the rank raising), ``peer`` (the other rank
-    involved, if any), ``fold`` (the fold the request was filed under) and ``waiting_for``
+    involved, if any), ``fold`` (the fold the request was filed under), ``tag`` (the
+    message's tag, e.g. ``"fwd A3 m5"``: instruction and micro batch) and ``waiting_for``
     (what was being waited for, in words). They are keyword-only so ``RuntimeFailure(msg)``
     keeps working, and the exception pickles (its ``__dict__`` travels with it)."""
 
@@ -36,9 +37,11 @@ class RuntimeFailure(RuntimeError):
         peer: int | None = None,
         fold: int | None = None,
         waiting_for: str | None = None,
+        tag: str | None = None,
     ) -> None:
         super().__init__(message)
         self.rank = rank
         self.peer = peer
         self.fold = fold
         self.waiting_for = waiting_for
+        self.tag = tag

@@ -1,7 +1,7 @@
 """Running a function on several ranks: :func:`spawn_ranks` (tests, examples, benchmarks;
 one process per rank on this machine) and :func:`init_from_env` (under torchrun).
 
-Everything that touches ``torch.distributed`` goes through :mod:`.transport`.
+Everything that touches ``torch.distributed`` goes through :mod:`.groups` and :mod:`.failures`.
 
 spawn_ranks in short:
 
@@ -45,7 +45,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..errors import RuntimeFailure
-from . import transport
+from . import failures, groups
 
 __all__ = ["RankFailed", "RankInfo", "init_from_env", "spawn_ranks"]
 
@@ -78,7 +78,7 @@ class RankInfo:
     backend: str
 
 
-def init_from_env(timeout: float = transport.DEFAULT_TIMEOUT_S, *, backend: str | None = None,
+def init_from_env(timeout: float = groups.DEFAULT_TIMEOUT_S, *, backend: str | None = None,
                   num_threads: int | None = None) -> RankInfo:
     """Initialize the default process group from torchrun's environment (``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL with
@@ -86,7 +86,7 @@ def init_from_env(timeout: float = transport.DEFAULT_TIMEOUT_S, *, backend: str 
     process group timeout. Installs the excepthook that records an uncaught exception for the
     other ranks. Idempotent (returns the current state if already initialized)."""
     missing = [k for k in ("RANK", "WORLD_SIZE") if k not in os.environ]
-    if missing and not transport.is_initialized():
+    if missing and not groups.is_initialized():
         raise RuntimeFailure(
             f"init_from_env: {', '.join(missing)} not set; run the script under "
             f"`torchrun --nproc-per-node N script.py`, or run the function through "
@@ -103,10 +103,10 @@ def init_from_env(timeout: float = transport.DEFAULT_TIMEOUT_S, *, backend: str 
         device = torch.device("cpu")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    if not transport.is_initialized():
-        transport.init_group(backend, rank, world_size, timeout_s=timeout,
+    if not groups.is_initialized():
+        groups.init_group(backend, rank, world_size, timeout_s=timeout,
                              device_id=device if backend == "nccl" else None)
-    transport.install_failure_excepthook()
+    failures.install_failure_excepthook()
     return RankInfo(rank, world_size, local_rank, device, backend)
 
 
@@ -125,8 +125,8 @@ def _child_main(rank: int, world_size: int, host: str, port: int, fn: Callable[.
     store = None
     code = 0
     try:
-        store = transport.connect_store(host, port, timeout_s=max(comm_timeout, 30.0))
-        transport.init_group(backend, rank, world_size, store=store, timeout_s=comm_timeout)
+        store = groups.connect_store(host, port, timeout_s=max(comm_timeout, 30.0))
+        groups.init_group(backend, rank, world_size, store=store, timeout_s=comm_timeout)
         result = fn(rank, *args)
         try:
             conn.send(("ok", rank, result))
@@ -137,10 +137,10 @@ def _child_main(rank: int, world_size: int, host: str, port: int, fn: Callable[.
         code = 1
         tb = traceback.format_exc()
         reason = f"rank {rank}: {type(e).__name__}: {e}"
-        if transport.is_initialized():
-            transport.report_failure(reason)
+        if groups.is_initialized():
+            failures.report_failure(reason)
         elif store is not None:
-            transport.report_failure(reason, store=store)
+            failures.report_failure(reason, store=store)
         try:
             original = pickle.dumps(e)
         except Exception:  # noqa: BLE001
@@ -214,11 +214,11 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     killed."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    comm_timeout = float(min(timeout, transport.DEFAULT_TIMEOUT_S) if comm_timeout is None
+    comm_timeout = float(min(timeout, groups.DEFAULT_TIMEOUT_S) if comm_timeout is None
                          else comm_timeout)
     host = "127.0.0.1"
     ctx = _context(start_method)
-    store = transport.host_store(host, timeout_s=timeout + 30.0)
+    store = groups.host_store(host, timeout_s=timeout + 30.0)
     port = store.port
     procs: list[Any] = []
     conns: list[Any] = []

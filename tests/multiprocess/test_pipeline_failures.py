@@ -13,8 +13,8 @@ SEQ, M = 32, 4
 
 
 def _pipe(timeout: float):
+    from helix_compiler import helix_compile
     from helix_compiler.models import Llama, LlamaConfig
-    from helix_compiler.runtime.pipeline import helix_compile
 
     torch.manual_seed(0)
     return helix_compile(Llama(LlamaConfig(num_layers=2)), 2, SEQ, num_microbatches=M, num_folds=2, timeout=timeout)
@@ -85,9 +85,12 @@ def test_a_batch_of_the_wrong_shape_is_rejected_before_communication():
 def _boundary_mismatch(rank: int) -> str:
     pipe = _pipe(timeout=5.0)
     if rank == 1:  # make rank 1 expect a wrong shape for what rank 0 sends it
-        first_recv = next(i for i in pipe.executor.program if i.op == "RECV")
-        (shape, dtype), *rest = pipe.executor.out_specs[first_recv.seg]
-        pipe.executor.out_specs[first_recv.seg] = [((shape[0], shape[1] + 1, *shape[2:]), dtype), *rest]
+        prog = pipe.executor.program
+        first_recv = next(i for i in prog.instrs if i.op == "RECV")
+        key = (first_recv.value, first_recv.seg)
+        (shape, dtype), *rest = prog.recv_specs[key]
+        wrong = (((shape[0], shape[1] + 1, *shape[2:]), dtype), *rest)
+        object.__setattr__(prog, "recv_specs", {**prog.recv_specs, key: wrong})  # frozen dataclass
     try:
         loss = pipe(*_batch())
         loss.backward()
@@ -103,3 +106,38 @@ def test_a_shape_mismatch_at_a_boundary_names_segment_micro_batch_rank_and_shape
     text = results[1]
     assert "rank 1" in text and "micro batch 0" in text and "segment" in text, text
     assert "(1, 33," in text and "(1, 32," in text, text  # expected and actual shapes
+
+
+def _campaign():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "helix_fault_campaign" not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "fault_campaign.py"
+        spec = importlib.util.spec_from_file_location("helix_fault_campaign", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["helix_fault_campaign"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["helix_fault_campaign"]
+
+
+def _campaign_worker(rank: int, trial: dict) -> None:  # importable by the spawned ranks
+    _campaign().worker(rank, trial)
+
+
+@pytest.mark.timeout(120)
+def test_fault_injection_survivors_raise_named_runtime_failures_in_time():
+    """Two injections of benchmarks/fault_campaign.py (a SIGKILL in the forward half, a SIGSTOP
+    in the backward half) on a running 2-rank pipeline: the survivor raises a RuntimeFailure
+    naming its rank, the instruction and the micro batch within the timeout + 2 s."""
+    fc = _campaign()
+    for victim, sig, phase in ((1, "SIGKILL", "forward"), (0, "SIGSTOP", "backward")):
+        trial = {"launch": "spawn", "world": 2, "victim": victim, "signal": sig, "phase": phase,
+                 "seed": 7, "timeout": 2.0, "layers": 2, "seq": 32}
+        row = fc.run_in_process(trial, _campaign_worker, grace=6.0)
+        ((rank, (kind, dt, msg)),) = row["outcomes"].items()
+        assert row["injected_in"] is not None, row
+        assert kind == "named", row
+        assert dt < 2.0 + 2.0, row
+        assert f"rank {rank}" in msg, row

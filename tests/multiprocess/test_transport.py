@@ -12,19 +12,16 @@ import torch
 
 from helix_compiler.errors import RuntimeFailure
 from helix_compiler.runtime.launch import RankFailed, _primary_failure, spawn_ranks
-from helix_compiler.runtime.transport import (
-    Transport,
-    _build_header,
-    _nbytes,
-    _packed_layout,
-    _parse_header,
-)
+from helix_compiler.runtime.transport import Transport
+from helix_compiler.runtime.wire import build_header as _build_header
+from helix_compiler.runtime.wire import nbytes as _nbytes
+from helix_compiler.runtime.wire import packed_layout as _packed_layout
+from helix_compiler.runtime.wire import parse_header as _parse_header
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
-# (check, pack, batched): every transport configuration the positive tests run through
-CONFIGS = [("header", False, None), ("header", True, None), ("off", False, None),
-           ("off", True, None), ("strict", False, None), ("header", False, True)]
+# (check, pack): every transport configuration the positive tests run through
+CONFIGS = [("header", False), ("header", True), ("off", False), ("off", True)]
 
 
 def _payload(i: int) -> list[torch.Tensor]:
@@ -45,9 +42,9 @@ def _two_rank_checks(rank: int) -> dict:
     exchange result on both)."""
     peer = 1 - rank
     seen: dict = {}
-    for check, pack, batched in CONFIGS:
-        key = f"{check}/pack={pack}/batched={batched}"
-        t = Transport(check=check, pack=pack, batched=batched, timeout=15)
+    for check, pack in CONFIGS:
+        key = f"{check}/pack={pack}"
+        t = Transport(check=check, pack=pack, timeout=15)
         obs: dict = {}
 
         # 1. FIFO per pair: 6 messages over two folds, waited in reverse order
@@ -95,19 +92,19 @@ def _two_rank_checks(rank: int) -> dict:
             obs["independent"] = (h0.wait()[0].tolist(), h1.wait()[0].tolist())
         t.drain()
 
-        # 4. pairwise exchange round trips (rule 4), several in a row over both folds
+        # 4. pairwise round trips (both ranks post the receive, then send), over both folds
         outs = []
         for i in range(4):
             mine = torch.full((2, 3), float(10 * rank + i))
-            h = t.exchange([mine], [((2, 3), torch.float32)], peer, fold=i % 2, tag=f"x{i}")
+            h = t.recv([((2, 3), torch.float32)], peer, fold=i % 2, tag=f"x{i}")
+            t.send([mine], peer, fold=i % 2, tag=f"x{i}")
             outs.append(h)
         obs["exchange"] = [h.wait()[0][0, 0].item() for h in outs]
-        # one-sided exchanges at the edges of a schedule
         if rank == 0:
-            assert t.exchange([torch.ones(1)], None, peer, fold=0, tag="edge") is None
+            t.send([torch.ones(1)], peer, fold=0, tag="edge")
         else:
-            obs["edge"] = t.exchange(None, [((1,), torch.float32)], peer, fold=0,
-                                     tag="edge").wait()[0].item()
+            obs["edge"] = t.recv([((1,), torch.float32)], peer, fold=0,
+                                 tag="edge").wait()[0].item()
         t.drain()
 
         # 5. odd tensors: bf16, bool, 0-d, empty, non-contiguous; bitwise equal
@@ -129,7 +126,7 @@ def _two_rank_checks(rank: int) -> dict:
     return seen
 
 
-def test_two_ranks_fifo_folds_exchange_dtypes():
+def test_two_ranks_fifo_folds_round_trips_dtypes():
     results = spawn_ranks(_two_rank_checks, 2, timeout=150)
     for key, obs in results[1].items():
         assert obs["fifo"], key
@@ -175,8 +172,8 @@ def _four_rank_checks(rank: int) -> dict:
     ex = []
     for i, mask in enumerate((1, 2, 3)):
         peer = rank ^ mask
-        ex.append(t.exchange([torch.tensor([float(rank)])], [((1,), torch.float32)], peer,
-                             fold=i % 2, tag=f"ex{mask}"))
+        ex.append(t.recv([((1,), torch.float32)], peer, fold=i % 2, tag=f"ex{mask}"))
+        t.send([torch.tensor([float(rank)])], peer, fold=i % 2, tag=f"ex{mask}")
     out["exchange"] = [h.wait()[0].item() for h in ex]
     t.drain()
     # fold separation across peers: rank 0 waits fold 0 from rank 1 while fold 1 from rank 2
@@ -198,7 +195,7 @@ def _four_rank_checks(rank: int) -> dict:
     return out
 
 
-def test_four_ranks_all_pairs_and_exchanges():
+def test_four_ranks_all_pairs_and_round_trips():
     results = spawn_ranks(_four_rank_checks, 4, timeout=150)
     for rank, out in enumerate(results):
         assert out["all_pairs"], rank
@@ -215,10 +212,8 @@ def _mismatch_checks(rank: int) -> dict:
         ([torch.zeros(2, 3)], [((4, 3), torch.float32)], 0, "small", "header"),
         ([torch.zeros(3)], [((3,), torch.float32)], 0, "expected-tag", "header"),
         ([torch.zeros(3)], [((3,), torch.float32)], 1, "fold", "header"),
-        # larger than posted: only strict mode can see it before gloo would abort the process
-        ([torch.zeros(16)], [((2,), torch.float32), ((2,), torch.float32)], 0, "big", "strict"),
     ]
-    sent_tags = ["seg3 mb1", "dt", "small", "sent-tag", "fold", "big"]
+    sent_tags = ["seg3 mb1", "dt", "small", "sent-tag", "fold"]
     sender = Transport(check="header", timeout=10)
     out = []
     for (sent, specs, fold, tag, mode), sent_tag in zip(cases, sent_tags, strict=True):
@@ -244,7 +239,7 @@ def test_mismatch_names_expected_and_actual():
     results = spawn_ranks(_mismatch_checks, 2, timeout=120)
     out = results[1]
     assert all(o is not None for o in out), out
-    same_size, dtype, small, tag, fold, big = out
+    same_size, dtype, small, tag, fold = out
     msg = same_size[0]
     assert "rank 1" in msg and "rank 0" in msg and "seg3 mb1" in msg
     assert "(8, 4) float32" in msg and "(4, 8) float32" in msg
@@ -254,7 +249,6 @@ def test_mismatch_names_expected_and_actual():
     assert "(4, 3) float32" in small[0] and "(2, 3) float32" in small[0]
     assert "'expected-tag'" in tag[0] and "'sent-tag'" in tag[0]
     assert "fold 1" in fold[0] and "fold 0" in fold[0]
-    assert "(2,) float32" in big[0] and "(16,) float32" in big[0]
 
 
 def _raise_or_wait(rank: int, timeout: float) -> None:
@@ -366,7 +360,8 @@ def test_spawn_ranks_overall_timeout_never_hangs():
 
 def _ping(rank: int) -> list[float]:
     t = Transport(timeout=20)
-    h = t.exchange([torch.tensor([float(rank)])], [((1,), torch.float32)], 1 - rank, fold=0)
+    h = t.recv([((1,), torch.float32)], 1 - rank, fold=0)
+    t.send([torch.tensor([float(rank)])], 1 - rank, fold=0)
     out = h.wait()[0].tolist()
     t.drain()
     return out
@@ -398,3 +393,255 @@ def test_message_larger_than_posted_buffer_is_reported_not_hung():
     if err.exc_type == "died":
         assert "SIGABRT" in str(err) or "exit code" in str(err)
     assert time.monotonic() - t0 < 60
+
+
+# ---------------------------------------------------------------------- send completion
+
+
+def _release_checks(rank: int) -> dict:
+    """A sent tensor is released (its last reference dropped) as soon as its send completes,
+    without drain() or wait_fold(); inflight_send_bytes() counts it until then."""
+    import weakref
+
+    t = Transport(timeout=15)
+    out: dict = {}
+    if rank == 0:
+        x = torch.ones(1 << 18)  # 1 MB
+        ref = weakref.ref(x)
+        h = t.send([x], 1, fold=0, tag="fwd A1 m0")
+        del x
+        out["inflight_before"] = t.inflight_send_bytes()
+        out["done_before"] = h.done()  # rank 1 posts its receive only after 0.5 s
+        ack = t.recv([((1,), torch.int64)], 1, fold=1, tag="ack")
+        ack.wait()
+        deadline = time.monotonic() + 2.0
+        while (ref() is not None or not h.done()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        out["released"] = ref() is None
+        out["done_after"] = h.done()
+        out["inflight_after"] = t.inflight_send_bytes()
+        out["pending_fold0"] = t.pending(0)
+        h.wait(timeout=1.0)  # idempotent once done
+    else:
+        time.sleep(0.5)
+        got = t.recv([((1 << 18,), torch.float32)], 0, fold=0, tag="fwd A1 m0").wait()
+        out["sum"] = float(got[0].sum())
+        t.send([torch.tensor([1])], 0, fold=1, tag="ack")
+    t.drain()
+    return out
+
+
+def test_sent_buffers_are_released_when_the_send_completes():
+    r0, r1 = spawn_ranks(_release_checks, 2, timeout=60)
+    assert r1["sum"] == float(1 << 18)
+    assert r0["inflight_before"] == 4 << 18 and r0["done_before"] is False, r0
+    assert r0["released"] and r0["done_after"], r0
+    assert r0["inflight_after"] == 0 and r0["pending_fold0"] == 0, r0
+
+
+def _send_to_dead_peer(rank: int) -> dict:
+    t = Transport(timeout=10)
+    if rank == 1:
+        time.sleep(0.5)
+        import os
+
+        os._exit(3)  # never posts the receive
+    h = t.send([torch.zeros(1 << 16)], 1, fold=1, tag="fwd A3 m5")
+    time.sleep(2.0)  # the completion thread sees the peer go away meanwhile
+    out = {"done": h.done()}
+    try:
+        t.recv([((1,), torch.float32)], 1, fold=0, tag="next")  # the next transport call
+        out["error"] = None
+    except RuntimeFailure as e:
+        out["error"] = (str(e), e.rank, e.peer, e.fold)
+    return out
+
+
+def test_a_failed_send_is_raised_at_the_next_call_naming_the_send():
+    r0, r1 = spawn_ranks(_send_to_dead_peer, 2, timeout=60, return_exceptions=True)
+    assert isinstance(r1, RankFailed) and r1.exc_type == "died"
+    assert r0["done"] is False and r0["error"] is not None, r0
+    msg, rank, peer, fold = r0["error"]
+    assert (rank, peer, fold) == (0, 1, 1), r0
+    assert "send of 1 tensor [(65536,) float32] to rank 1" in msg and "fwd A3 m5" in msg, msg
+    assert "rank 1 closed its connection" in msg, msg
+
+
+def _delayed_fold1(rank: int) -> dict:
+    """Rank 0 sends fold 0's message, sleeps 1.5 s, then sends fold 1's. Rank 1's fold-0
+    waits must return without waiting for fold 1 (neither its receive nor its own fold-1
+    send, which rank 0 only receives after the sleep)."""
+    t = Transport(timeout=15)
+    out: dict = {}
+    if rank == 0:
+        t.send([torch.full((8,), 0.0)], 1, fold=0, tag="fwd A1 m0")
+        time.sleep(1.5)
+        t.send([torch.full((8,), 1.0)], 1, fold=1, tag="fwd A1 m1")
+        out["back"] = t.recv([((4,), torch.float32)], 1, fold=1, tag="bwd A1 m1").wait()[0].tolist()
+    else:
+        t0 = time.monotonic()
+        h0 = t.recv([((8,), torch.float32)], 0, fold=0, tag="fwd A1 m0")
+        h1 = t.recv([((8,), torch.float32)], 0, fold=1, tag="fwd A1 m1")
+        s1 = t.send([torch.full((4,), 2.0)], 0, fold=1, tag="bwd A1 m1")
+        out["h0"] = h0.wait()[0].tolist()
+        out["h0_s"] = time.monotonic() - t0
+        t.wait_fold(0)
+        out["fold0_s"] = time.monotonic() - t0
+        out["h1_pending"] = not h1.done and not s1.done()
+        out["pending1"] = t.pending(1)
+        out["h1"] = h1.wait()[0].tolist()
+        out["h1_s"] = time.monotonic() - t0
+        s1.wait()
+    t.drain()
+    return out
+
+
+def test_fold_waits_never_wait_for_a_delayed_fold():
+    r0, r1 = spawn_ranks(_delayed_fold1, 2, timeout=60)
+    assert r1["h0"] == [0.0] * 8 and r1["h1"] == [1.0] * 8 and r0["back"] == [2.0] * 4
+    assert r1["h0_s"] < 1.0 and r1["fold0_s"] < 1.0, r1
+    assert r1["h1_pending"] and r1["pending1"] == 2, r1
+    assert r1["h1_s"] >= 1.4, r1
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def _collective_never_joined(rank: int, timeout: float) -> dict:
+    """Rank 2 creates the groups, then never joins any collective. The process group was
+    created with a 30-minute timeout: each collective must fail after the transport's."""
+    import torch.distributed as dist
+
+    from helix_compiler.runtime.groups import store_of
+
+    gs = [dist.new_group([0, 1, 2]) for _ in range(6)]
+    store = store_of()
+    if rank == 2:  # alive, never joins; leaves when the others are done
+        store.wait(["never_joined/0", "never_joined/1"], __import__("datetime").timedelta(seconds=60))
+        return {}
+    calls = [
+        ("broadcast", lambda t: t.broadcast_(torch.zeros(3), src=2, what="loss broadcast")),
+        ("all_reduce", lambda t: t.all_reduce_(torch.zeros(3))),
+        ("all_gather", lambda t: t.all_gather_(torch.zeros(3))),
+        ("gather", lambda t: t.gather_objects({"a": 1}, dst=0)),
+        ("barrier", lambda t: t.barrier()),
+        ("agree", lambda t: t.agree((1, 2), "program fingerprint")),
+    ]
+    out: dict = {}
+    for g, (name, call) in zip(gs, calls, strict=True):
+        t = Transport(group=g, timeout=timeout)
+        t0 = time.monotonic()
+        try:
+            call(t)
+            out[name] = None
+        except RuntimeFailure as e:
+            out[name] = (time.monotonic() - t0, str(e), e.rank)
+    store.set(f"never_joined/{rank}", "1")
+    return out
+
+
+def test_every_collective_is_bounded_by_the_transport_timeout():
+    timeout = 1.0
+    results = spawn_ranks(_collective_never_joined, 3, timeout, timeout=120,
+                          comm_timeout=1800.0, grace=0.5, return_exceptions=True)
+    for rank in (0, 1):
+        out = results[rank]
+        assert isinstance(out, dict), str(out)
+        for name, seen in out.items():
+            assert seen is not None, (rank, name)
+            elapsed, msg, r = seen
+            assert elapsed < timeout + 2.0, (rank, name, elapsed)
+            assert r == rank and f"rank {rank}" in msg and "timed out" in msg, msg
+            assert f"transport timeout {timeout:g} s" in msg, msg
+        assert "broadcast from rank 2 (loss broadcast)" in out["broadcast"][1]
+        assert "all_reduce" in out["all_reduce"][1] and "all_gather" in out["all_gather"][1]
+        assert "barrier" in out["barrier"][1] and "program fingerprint" in out["agree"][1]
+
+
+def _subgroups(rank: int) -> dict:
+    """4 ranks in two groups of 2 ({0, 1} and {2, 3}): a Transport on each speaks group
+    ranks, for messages and collectives alike."""
+    import torch.distributed as dist
+
+    ga, gb = dist.new_group([0, 1]), dist.new_group([2, 3])
+    t = Transport(group=ga if rank < 2 else gb, timeout=15)
+    me, peer = t.rank, 1 - t.rank
+    out: dict = {"group_rank": me, "world": t.world_size}
+    h = t.recv([((2,), torch.float32)], peer, fold=0, tag="x")
+    t.send([torch.tensor([float(rank), float(me)])], peer, fold=0, tag="x")
+    out["p2p"] = h.wait()[0].tolist()
+    out["bcast"] = t.broadcast_(torch.tensor([float(rank)]), src=0).item()
+    out["sum"] = t.all_reduce_(torch.tensor([float(rank)])).item()
+    out["max"] = t.all_reduce_(torch.tensor([float(rank)]), "max").item()
+    out["gathered"] = [x.item() for x in t.all_gather_(torch.tensor([rank]))]
+    out["objects"] = t.gather_objects({"rank": rank}, dst=1)
+    t.agree((7, 2**64 - 1, -3), "same everywhere")
+    try:
+        t.agree((1, rank), "batch hash")
+        out["disagree"] = None
+    except RuntimeFailure as e:
+        out["disagree"] = str(e)
+    t.drain()
+    return out
+
+
+def test_transport_over_subgroups_uses_group_ranks():
+    results = spawn_ranks(_subgroups, 4, timeout=90)
+    for rank, out in enumerate(results):
+        base = 0 if rank < 2 else 2
+        other = base + (1 - (rank - base))
+        assert out["group_rank"] == rank - base and out["world"] == 2
+        assert out["p2p"] == [float(other), float(1 - (rank - base))]
+        assert out["bcast"] == float(base)  # group rank 0 of each group
+        assert out["sum"] == float(2 * base + 1) and out["max"] == float(base + 1)
+        assert out["gathered"] == [base, base + 1]
+        if rank - base == 1:
+            assert out["objects"] == [{"rank": base}, {"rank": base + 1}]
+        else:
+            assert out["objects"] is None
+        msg = out["disagree"]
+        assert msg is not None and "batch hash" in msg and "positions [1] differ" in msg, msg
+        assert f"rank 0: (1, {base})" in msg and f"rank 1: (1, {base + 1})" in msg, msg
+
+
+# ---------------------------------------------------------------------- failure reports
+
+
+def _serve_store(port_conn) -> None:
+    from helix_compiler.runtime.groups import host_store
+
+    store = host_store("127.0.0.1", timeout_s=60)
+    port_conn.send(store.port)
+    time.sleep(60)
+
+
+def test_failure_reports_are_bounded_when_the_store_host_is_stopped():
+    """The store's host (rank 0 in a launch without torchrun's agent) is stopped: reading or
+    writing failure reports must give up within about a second, not the store's timeout."""
+    import multiprocessing as mp
+    import os
+    import signal
+
+    from helix_compiler.runtime import failures
+    from helix_compiler.runtime.groups import connect_store
+
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_serve_store, args=(b,), daemon=True)
+    p.start()
+    try:
+        port = a.recv()
+        store = connect_store("127.0.0.1", port, timeout_s=30)
+        failures.report_failure("rank 1: ValueError: first", store=store)
+        assert failures.reported_failures(store=store) == ["rank 1: ValueError: first"]
+        os.kill(p.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        failures.report_failure("rank 2: RuntimeFailure: second", store=store)
+        assert failures.reported_failures(store=store) == []
+        text = failures.reports_text(store)
+        elapsed = time.monotonic() - t0
+        assert "no failure reports available (store unreachable)" in text
+        assert elapsed < 2 * failures.STORE_BOUND_S + 0.5, elapsed
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(5)
