@@ -43,7 +43,7 @@ def agree(transport, values: tuple[int, ...], *, what: str, fix: str,
     table = torch.zeros((world, len(values)), dtype=torch.int64)
     if ranks is None or rank in ranks:
         table[rank] = torch.tensor(values, dtype=torch.int64)
-    transport.all_reduce_(table)
+    transport.all_reduce_(table, what=f"agreement on {what}")
     rows = {r: tuple(int(v) for v in table[r]) for r in (range(world) if ranks is None else ranks)}
     if len(set(rows.values())) > 1:
         seen = ", ".join(f"rank {r}: {v}" for r, v in rows.items())

@@ -210,7 +210,7 @@ class HelixPipeline(torch.nn.Module):
             value = torch.stack([losses[m] for m in sorted(losses)]).mean().to(torch.float64)
         else:
             value = torch.zeros((), dtype=torch.float64)
-        self.transport.broadcast_(value, src=self.head_rank)
+        self.transport.broadcast_(value, src=self.head_rank, what=f"loss broadcast after step {self._steps}")
         return value
 
     def _backward_half(self, grad: float) -> None:
@@ -238,14 +238,15 @@ class HelixPipeline(torch.nn.Module):
         for name, shared in self.stage.shared.items():
             p = self._params.get(name)
             if p is None:  # held by other ranks: join the sum with zeros
-                self.transport.all_reduce_(torch.zeros(shared.shape, dtype=shared.dtype))
+                self.transport.all_reduce_(torch.zeros(shared.shape, dtype=shared.dtype),
+                                           what=f"gradient sum of {name}, step {self._steps}")
                 continue
             before = self._grad_before.get(name)
             if p.grad is not None:
                 step = p.grad - before if before is not None else p.grad.clone()
             else:
                 step = torch.zeros_like(p)
-            self.transport.all_reduce_(step)
+            self.transport.all_reduce_(step, what=f"gradient sum of {name}, step {self._steps}")
             p.grad = step if before is None else before + step
 
     def check_consistent(self) -> None:
