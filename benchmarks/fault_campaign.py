@@ -209,12 +209,7 @@ def run_trial(trial: dict, script: str) -> dict:
     """One ``torchrun`` or ``bare`` injection, in its own process tree."""
     outdir = Path(tempfile.mkdtemp(prefix="helix_fault_"))
     trial = {**trial, "outdir": str(outdir)}
-    # PYTHONHASHSEED: the pipeline's batch check hashes (shape, dtype-name) tuples with
-    # hash(), which is salted per process for str: without a common seed, ranks that are
-    # separate interpreters (torchrun, bare) disagree on every batch (a bug reported to the
-    # runtime; forkserver children of spawn_ranks share the seed).
-    env = {**os.environ, ENV: json.dumps(trial), "PYTHONUNBUFFERED": "1",
-           "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    env = {**os.environ, ENV: json.dumps(trial), "PYTHONUNBUFFERED": "1"}
     world, launch = trial["world"], trial["launch"]
     log = open(outdir / "log.txt", "w")  # noqa: SIM115 - closed below
     procs = []
