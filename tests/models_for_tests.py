@@ -365,3 +365,17 @@ def band_mask(window: int, *, hole: tuple[int, int] | None = None, size_dependen
         return keep
 
     return fn
+
+
+COMPILE_STEPS = ("capture", "canonicalize_attention", "tag_layers", "cut_attention", "build_segments",
+                 "segment_cost")
+
+
+def forbid_compile_steps(monkeypatch, *steps):
+    """Make the named compile_program steps fail the test if compile_program reaches them."""
+    import helix_compiler.program as program_mod
+
+    for step in steps:
+        def boom(*args, _step=step, **kwargs):
+            raise AssertionError(f"compile_program ran {_step} before rejecting the input")
+        monkeypatch.setattr(program_mod, step, boom)

@@ -211,11 +211,29 @@ def _complete_sends(q: queue.SimpleQueue, st: _SendState) -> None:
         op = None
 
 
-class SendHandle:
+class _Handle:
+    """What a posted send or receive is about: its peer, fold and tag."""
+
+    __slots__ = ("_transport", "_op")
+
+    @property
+    def peer(self) -> int:
+        return self._op.peer
+
+    @property
+    def fold(self) -> int:
+        return self._op.fold
+
+    @property
+    def tag(self) -> str:
+        return self._op.tag
+
+
+class SendHandle(_Handle):
     """A posted send. ``done()`` says (without blocking) whether it completed and its
     tensors were released; ``wait(timeout)`` blocks until then."""
 
-    __slots__ = ("_transport", "_op")
+    __slots__ = ()
 
     def __init__(self, transport: Transport, op: _Op) -> None:
         self._transport = transport
@@ -230,18 +248,6 @@ class SendHandle:
         t._wait_send(self._op, deadline)
 
     @property
-    def peer(self) -> int:
-        return self._op.peer
-
-    @property
-    def fold(self) -> int:
-        return self._op.fold
-
-    @property
-    def tag(self) -> str:
-        return self._op.tag
-
-    @property
     def nbytes(self) -> int:
         return self._op.nbytes
 
@@ -249,12 +255,12 @@ class SendHandle:
         return f"SendHandle({self._op.describe()}, {'done' if self.done() else 'pending'})"
 
 
-class RecvHandle:
+class RecvHandle(_Handle):
     """A posted receive. ``wait()`` returns the received tensors (same order as the specs),
     waiting for this receive only; it is idempotent, and returns at once after
     ``wait_fold(fold)`` has completed it."""
 
-    __slots__ = ("_transport", "_op", "_result")
+    __slots__ = ("_result",)
 
     def __init__(self, transport: Transport, op: _Op) -> None:
         self._transport = transport
@@ -273,18 +279,6 @@ class RecvHandle:
     def done(self) -> bool:
         """True once the data has been waited for (never polls the backend)."""
         return self._result is not None
-
-    @property
-    def peer(self) -> int:
-        return self._op.peer
-
-    @property
-    def fold(self) -> int:
-        return self._op.fold
-
-    @property
-    def tag(self) -> str:
-        return self._op.tag
 
     @property
     def specs(self) -> list[Spec]:

@@ -14,21 +14,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from models_for_tests import build, masked_gpt, padding_mask  # noqa: E402
+from models_for_tests import COMPILE_STEPS, build, forbid_compile_steps, masked_gpt, padding_mask  # noqa: E402
 
-import helix_compiler.program as program_mod  # noqa: E402
 from helix_compiler import CaptureError, HelixError, UnsupportedModelError, compile_program  # noqa: E402
 from helix_compiler.models import GPT, GPTConfig  # noqa: E402
 
-STEPS = ("capture", "canonicalize_attention", "tag_layers", "cut_attention", "build_segments", "segment_cost")
-
-
-def _forbid(monkeypatch, *steps):
-    """Make the named pipeline steps fail the test if compile_program reaches them."""
-    for step in steps:
-        def boom(*args, _step=step, **kwargs):
-            raise AssertionError(f"compile_program ran {_step} before rejecting the input")
-        monkeypatch.setattr(program_mod, step, boom)
+STEPS = COMPILE_STEPS
+_forbid = forbid_compile_steps
 
 
 def _after(step):

@@ -16,22 +16,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from models_for_tests import HEADS, HIDDEN, VOCAB, batch, loss_and_grads, max_grad_err, rel_err  # noqa: E402
+from models_for_tests import (  # noqa: E402
+    COMPILE_STEPS,
+    HEADS,
+    HIDDEN,
+    VOCAB,
+    batch,
+    forbid_compile_steps,
+    loss_and_grads,
+    max_grad_err,
+    rel_err,
+)
 
-import helix_compiler.program as program_mod  # noqa: E402
 from helix_compiler import CaptureError, HelixError, UnsupportedModelError, compile_program  # noqa: E402
 from helix_compiler.config import HelixConfig  # noqa: E402
 from helix_compiler.models import GPT, GPTConfig  # noqa: E402
 from helix_compiler.passes.segment import run_chain  # noqa: E402
 
-STEPS = ("capture", "canonicalize_attention", "tag_layers", "cut_attention", "build_segments", "segment_cost")
-
-
-def _forbid(monkeypatch, *steps):
-    for step in steps:
-        def boom(*args, _step=step, **kwargs):
-            raise AssertionError(f"compile_program ran {_step} before rejecting the input")
-        monkeypatch.setattr(program_mod, step, boom)
+STEPS = COMPILE_STEPS
+_forbid = forbid_compile_steps
 
 
 def _gpt(cls=GPT, **kw):
