@@ -4,7 +4,11 @@
 
 Each rank compiles the same unmodified model with helix_compile, trains a few steps under
 the HelixPipe two-fold FILO schedule over gloo, and rank 0 checks the step-1 loss against a
-single-process run of the same model on the same batch. Written to --out: every rank's stage
+single-process run of the same model on the same batch. By default every sequence packs
+documents of random lengths (a synthetic stream: each document counts up from a random
+token): ``position_ids`` restart per document, ``document_ids`` mask attention at document
+boundaries, the last token of each document predicts nothing (label -100), and the loss is
+the mean over the step's counted tokens. ``--no-pack``: one document per sequence. Written to --out: every rank's stage
 graphs (readable Python), the schedule (text + picture), and a timeline of the real run
 (measured per-instruction times, one row per rank).
 """
@@ -39,7 +43,29 @@ def parse_args():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--recompute", default="without_attention")
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--docs", type=int, default=4, help="packed documents per sequence (random lengths)")
+    ap.add_argument("--no-pack", action="store_true", help="one document per sequence (no document masking)")
     return ap.parse_args()
+
+
+def synthetic_batch(rows: int, seq: int, vocab: int, docs: int, gen: torch.Generator):
+    """``(input_ids, labels, extra inputs)``: per row, documents of random lengths (``docs``
+    of them), each counting up from a random token; a token's label is the next token
+    of its document, -100 on a document's last token."""
+    ids = torch.empty(rows, seq, dtype=torch.long)
+    labels = torch.empty(rows, seq, dtype=torch.long)
+    pos = torch.empty(rows, seq, dtype=torch.long)
+    doc = torch.empty(rows, seq, dtype=torch.long)
+    for r in range(rows):
+        cuts = sorted(torch.randperm(seq - 1, generator=gen)[:docs - 1].add(1).tolist())
+        for d, (a, b) in enumerate(zip([0, *cuts], [*cuts, seq], strict=True)):
+            start = int(torch.randint(0, vocab, (), generator=gen))
+            ids[r, a:b] = (start + torch.arange(b - a)) % vocab
+            labels[r, a:b] = (ids[r, a:b] + 1) % vocab
+            labels[r, b - 1] = -100
+            pos[r, a:b] = torch.arange(b - a)
+            doc[r, a:b] = d
+    return ids, labels, ({"position_ids": pos, "document_ids": doc} if docs > 1 else {})
 
 
 def main() -> None:
@@ -53,8 +79,13 @@ def main() -> None:
     model = Llama(cfg)
     reference = copy.deepcopy(model) if rank == 0 else None
     M = args.microbatches or world * args.folds
+    packed = not args.no_pack
+    doc_len = args.seq_len // args.docs
+    typical = (doc_len,) * (args.docs - 1) + (args.seq_len - doc_len * (args.docs - 1),)
     pipe = helix_compile(model, world, args.seq_len, num_microbatches=M, num_folds=args.folds,
-                         recompute=args.recompute, record_trace=True)
+                         recompute=args.recompute, record_trace=True,
+                         inputs=("position_ids", "document_ids") if packed else (),
+                         loss_reduction="tokens", document_lengths=typical if packed else None)
     opt = torch.optim.AdamW(list(pipe.parameters()), lr=args.lr)
 
     if rank == 0:
@@ -74,11 +105,8 @@ def main() -> None:
         steps = tqdm(steps, desc=f"helix pp={world} s={args.seq_len}", unit="step")
     losses = []
     for step in steps:
-        # a learnable stream: each sequence counts up from a random token, the label is the next one
-        start = torch.randint(0, args.vocab, (M, 1), generator=gen)
-        ids = (start + torch.arange(args.seq_len)) % args.vocab
-        labels = (ids + 1) % args.vocab
-        loss = pipe(ids, labels)
+        ids, labels, extra = synthetic_batch(M, args.seq_len, args.vocab, args.docs if packed else 1, gen)
+        loss = pipe(ids, labels, **extra)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -88,8 +116,8 @@ def main() -> None:
         if step == 0:
             traces = pipe.transport.gather_objects(trace_to_json(pipe.executor.trace))
             if rank == 0:
-                with torch.no_grad():
-                    single = torch.stack([reference(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
+                with torch.no_grad():  # the whole batch at once: its loss is the token mean
+                    single = reference(ids, labels, **extra)
                 diff = abs(float(single) - losses[0])
                 print(f"step 1 loss: pipelined {losses[0]:.6f}  single process {float(single):.6f}  "
                       f"|diff| {diff:.2e}")
@@ -103,6 +131,8 @@ def main() -> None:
         write_chrome_trace(measured, out / "trace_measured.json")
         pic = pipe.schedule.picture() if hasattr(pipe.schedule, "picture") else ""
         (out / "schedule_picture.txt").write_text(str(pic))
+        data = f"{args.docs} packed documents of random lengths per sequence" if packed else "one document per sequence"
+        print(f"data: {data}")
         print(f"losses: {[round(x, 4) for x in losses]}")
         print(f"wrote {out}/: program.txt, schedule.txt, schedule_picture.txt, stage_graphs/, timeline_measured.png, trace_measured.json")
     pipe.transport.barrier()

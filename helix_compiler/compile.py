@@ -20,14 +20,21 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
                   mlp_chunks: int | None = None, schedule: str = "helix", head_stage: int | str | None = None,
                   virtual_stages: int | None = None, timeout: float = 60.0, check_batch: bool = True,
                   hooks=(), record_trace: bool = False, transport=None, example_inputs=None,
-                  loss_output: int | str | None = None) -> HelixPipeline:
+                  loss_output: int | str | None = None, inputs: tuple[str, ...] = (),
+                  loss_reduction: str = "auto", document_lengths: tuple[int, ...] | None = None) -> HelixPipeline:
     """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
 
     Needs an initialized process group of ``pp_size`` ranks (``torchrun``). ``timeout``
     bounds every wait and collective of the runtime. ``check_batch`` makes every step check
     that all ranks were given the same batch (one small all-reduce). ``hooks`` are called
     as ``hook(instr, start, end)`` after every instruction (timing, tracing). ``loss_output``:
-    the position or key of the loss when the model returns several values."""
+    the position or key of the loss when the model returns several values. ``inputs``: the
+    model's per-token inputs beyond ``(input_ids, labels)`` (``("position_ids",)`` for packed
+    documents, ``("attention_mask",)`` for right padding), then passed as ``pipe(ids, labels,
+    position_ids=...)``. ``loss_reduction``: "tokens" (the mean over the step's counted tokens;
+    the default for Hugging Face causal LMs), "micro_batch_mean" (the mean of the micro
+    batches' losses; the default otherwise), or "auto". ``document_lengths``: typical packed
+    document lengths, for the cost model and placement."""
     from .runtime.transport import Transport
 
     if transport is None:
@@ -41,7 +48,8 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
                               num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
                               recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, head_stage=head_stage,
                               virtual_stages=virtual_stages, loss_fn=loss_fn, example_inputs=example_inputs,
-                              loss_output=loss_output)
+                              loss_output=loss_output, inputs=inputs, loss_reduction=loss_reduction,
+                              document_lengths=document_lengths)
     stages = lower_program(program)
     pipe = HelixPipeline(stages, rank=transport.rank, transport=transport, schedule=program.schedule,
                          hooks=tuple(hooks), record_trace=record_trace, check_batch=check_batch)

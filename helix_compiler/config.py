@@ -14,6 +14,21 @@ def _positive_int(name: str, value) -> None:
         raise HelixError(f"{name}={value!r} must be a positive integer")
 
 
+LOSS_REDUCTIONS = ("auto", "tokens", "micro_batch_mean")
+RESERVED_INPUTS = ("input_ids", "labels")
+
+
+def _check_inputs(inputs) -> None:
+    if isinstance(inputs, str) or not isinstance(inputs, (tuple, list)) \
+            or not all(isinstance(n, str) and n.isidentifier() for n in inputs):
+        raise HelixError(f"inputs={inputs!r} must be a tuple of input names (identifiers), e.g. "
+                         f"('position_ids',) or ('attention_mask',)")
+    clash = [n for n in inputs if n in RESERVED_INPUTS]
+    if clash or len(set(inputs)) != len(inputs):
+        raise HelixError(f"inputs={tuple(inputs)!r}: list each extra input once and leave out "
+                         f"{list(RESERVED_INPUTS)}, which every program takes")
+
+
 @dataclass(frozen=True)
 class HelixConfig:
     pp_size: int
@@ -27,6 +42,15 @@ class HelixConfig:
     virtual_stages: int | None = None  # interleaved 1F1B only
     head_stage: int | str | None = None  # helix only: a stage, or "auto" (least loaded by the cost model)
     loss_output: int | str | None = None  # the loss's position/key when the model returns several values
+    # per-token model inputs beyond (input_ids, labels), e.g. ("position_ids",) for packed documents
+    inputs: tuple[str, ...] = ()
+    # "tokens": the step's loss is the mean over every counted token of the step (what a
+    # single-process run of the whole batch computes); "micro_batch_mean": the mean of the
+    # micro batches' losses; "auto": "tokens" for Hugging Face causal LMs, else "micro_batch_mean"
+    loss_reduction: str = "auto"
+    # lengths of the documents packed into one sequence (summing to seq_len), for the cost model
+    # and simulator: attention costs the sum of squared document lengths, not seq_len squared
+    document_lengths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _positive_int("pp_size", self.pp_size)
@@ -68,6 +92,17 @@ class HelixConfig:
                                              or not isinstance(self.loss_output, (int, str))):
             raise HelixError(f"loss_output={self.loss_output!r} must be a position (int) or a key/attribute name "
                              f"(str) of the model's outputs, or None when the model returns the loss alone")
+        _check_inputs(self.inputs)
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise HelixError(f"loss_reduction={self.loss_reduction!r} is not known; use one of {list(LOSS_REDUCTIONS)}")
+        if self.document_lengths is not None:
+            docs = tuple(self.document_lengths)
+            if not docs or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in docs) \
+                    or sum(docs) != self.seq_len:
+                raise HelixError(f"document_lengths={self.document_lengths!r} must be positive ints summing to "
+                                 f"seq_len={self.seq_len} (the documents packed into one sequence), or None")
+            object.__setattr__(self, "document_lengths", docs)
         M, p = self.num_microbatches, self.pp_size
         if self.schedule == "helix" and M % (p * self.num_folds):
             pf = p * self.num_folds

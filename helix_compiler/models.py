@@ -2,8 +2,10 @@
 
 ``GPT``: nanoGPT-style GPT-2 (learned positions, LayerNorm, GeLU MLP with biases, tied
 embedding/head). ``Llama``: RoPE, RMSNorm, SwiGLU, GQA, untied head. Both take
-``(input_ids, labels)`` and return the mean cross-entropy loss, written the way users write
-them (plain ``nn.Module``s, SDPA or explicit softmax attention). ``hf_model`` builds tiny
+``(input_ids, labels, position_ids=None, document_ids=None)`` and return the mean
+cross-entropy loss, written the way users write them (plain ``nn.Module``s, SDPA or explicit
+softmax attention). Packed documents: ``position_ids`` restart per document (RoPE / learned
+positions) and ``document_ids`` (one id per token) give a block-diagonal causal mask. ``hf_model`` builds tiny
 Hugging Face ``transformers`` models from configs.
 """
 
@@ -34,15 +36,16 @@ class GPTAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.heads, self.sdpa = cfg.heads, cfg.sdpa
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(c, dim=2)
         q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))
         if self.sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if keep is None
+                 else F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril() if keep is None else keep
             att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = att @ v
         return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
@@ -57,8 +60,8 @@ class GPTBlock(nn.Module):
         self.c_fc = nn.Linear(cfg.hidden, 4 * cfg.hidden)
         self.c_proj = nn.Linear(4 * cfg.hidden, cfg.hidden)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, keep=None):
+        x = x + self.attn(self.ln_1(x), keep)
         return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
@@ -71,14 +74,24 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
 
-    def forward(self, input_ids, labels):
+    def forward(self, input_ids, labels, position_ids=None, document_ids=None):
         t = input_ids.shape[1]
-        pos = torch.arange(t, device=input_ids.device)
+        pos = torch.arange(t, device=input_ids.device) if position_ids is None else position_ids
         x = self.wte(input_ids) + self.wpe(pos)
+        keep = document_mask(document_ids)
         for block in self.h:
-            x = block(x)
+            x = block(x, keep)
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def document_mask(document_ids):
+    """``[b, 1, t, t]`` bool keep-mask: causal within each document (``None`` -> plain causal)."""
+    if document_ids is None:
+        return None
+    t = document_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    return causal & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
 
 
 @dataclass
@@ -118,7 +131,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, keep=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -128,7 +141,8 @@ class LlamaAttention(nn.Module):
         rep = self.heads // self.kv_heads  # GQA through repeat_kv, as Llama code does
         k = k[:, :, None].expand(b, self.kv_heads, rep, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
         v = v[:, :, None].expand(b, self.kv_heads, rep, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if keep is None
+             else F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -142,8 +156,8 @@ class LlamaBlock(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.down_proj = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, keep=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, keep)
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -160,15 +174,19 @@ class Llama(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_ids, labels):
+    def forward(self, input_ids, labels, position_ids=None, document_ids=None):
         t = input_ids.shape[1]
-        pos = torch.arange(t, device=input_ids.device, dtype=self.inv_freq.dtype)
-        freqs = torch.outer(pos, self.inv_freq)
+        if position_ids is None:
+            pos = torch.arange(t, device=input_ids.device, dtype=self.inv_freq.dtype)
+            freqs = torch.outer(pos, self.inv_freq)  # [t, d/2]
+        else:  # per-row positions: [b, 1, t, d/2], broadcast over heads
+            freqs = (position_ids.to(self.inv_freq.dtype)[..., None] * self.inv_freq)[:, None]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.embed_tokens.weight.dtype), emb.sin().to(self.embed_tokens.weight.dtype)
         x = self.embed_tokens(input_ids)
+        keep = document_mask(document_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, keep)
         logits = self.lm_head(self.norm(x))
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
 

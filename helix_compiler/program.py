@@ -19,7 +19,7 @@ import sympy
 import torch
 
 from .capture import CapturedGraph, capture
-from .capture.adapters import check_model_early
+from .capture.adapters import check_model_early, is_hf_model
 from .capture.export import check_example_inputs
 from .config import HelixConfig
 from .cost.model import segment_cost
@@ -30,6 +30,7 @@ from .passes.attention import canonicalize_attention
 from .passes.cut import LayerCut, cut_attention
 from .passes.layers import LayerInfo, tag_layers
 from .passes.segment import build_segments
+from .passes.token_loss import sum_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class HelixProgram:
     schedule: object = None  # lowering.Schedule, filled by compile_program
     info: dict = field(default_factory=dict)
     passes: list[PassRecord] = field(default_factory=list)  # every pass compile_program ran, in order
+    # loss_reduction="tokens" (resolved from "auto"): how a micro batch's counted tokens are
+    # found (``passes.token_loss``); None: the step's loss is the micro batches' mean
+    token_count: object = None
 
     def pass_report(self) -> str:
         """One line per pass: wall seconds and FX node counts before -> after."""
@@ -121,20 +125,26 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
                     num_folds: int = 2, micro_batch_size: int = 1, recompute: str = "without_attention",
                     mlp_chunks: int | None = None, schedule: str = "helix", virtual_stages: int | None = None,
                     head_stage: int | str | None = None, example_inputs=None, loss_fn=None,
-                    loss_output: int | str | None = None) -> HelixProgram:
+                    loss_output: int | str | None = None, inputs: tuple[str, ...] = (),
+                    loss_reduction: str = "auto", document_lengths: tuple[int, ...] | None = None) -> HelixProgram:
     """``loss_output``: when the model returns several values (``(loss, logits)``, a dict), the
-    position or key of the loss among them. Bad arguments raise HelixError before any tracing."""
+    position or key of the loss among them. ``inputs``: the model's per-token inputs beyond
+    ``(input_ids, labels)``, by keyword name (``("position_ids",)`` for packed documents,
+    ``("attention_mask",)`` for padding). ``loss_reduction``: see ``HelixConfig``.
+    ``document_lengths``: typical packed document lengths, for the cost model. Bad arguments
+    raise HelixError before any tracing."""
     config = HelixConfig(pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches, num_folds=num_folds,
                          micro_batch_size=micro_batch_size, recompute=recompute, mlp_chunks=mlp_chunks,
                          schedule=schedule, virtual_stages=virtual_stages, head_stage=head_stage,
-                         loss_output=loss_output)
+                         loss_output=loss_output, inputs=inputs, loss_reduction=loss_reduction,
+                         document_lengths=document_lengths)
     check_model_early(model, loss_fn=loss_fn, loss_output=loss_output)
-    check_example_inputs(example_inputs)
+    check_example_inputs(example_inputs, config.inputs)
     _check_depth_early(model, pp_size)
     record = _PassRecorder()
     with record("capture"):
         captured = capture(model, seq_len=seq_len, example_inputs=example_inputs, loss_fn=loss_fn,
-                           loss_output=loss_output)
+                           loss_output=loss_output, inputs=config.inputs)
         record.graphs = [captured.gm]
     gm = captured.gm
     with record("canonicalize_attention"):
@@ -152,6 +162,11 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
         segments = build_segments(gm, num_layers=layers.num_layers, to_expr=captured.to_cost_expr)
         record.graphs = [seg.gm for seg in segments]
         rec.detail = f"{len(segments)} segments"
+    token_count = None
+    if _token_weighted(config, model, loss_fn=loss_fn, loss_output=loss_output):
+        with record("sum_token_loss") as rec:
+            token_count = sum_token_loss(segments[-1])
+            rec.detail = f"head loss -> token sum; counted where target != {token_count.ignore_index}"
     if mlp_chunks is not None and mlp_chunks > 1:
         from .passes.mlp_chunk import chunk_mlp
 
@@ -167,9 +182,10 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
         for seg in segments:
             mine = {n for n in seg.params if id(all_params[n]) not in owned}
             owned |= {id(all_params[n]) for n in seg.params}
-            seg.cost = segment_cost(seg, to_expr=captured.to_cost_expr, owned_params=mine, param_bytes=param_bytes)
+            seg.cost = segment_cost(seg, to_expr=captured.to_cost_expr, owned_params=mine, param_bytes=param_bytes,
+                                    document_lengths=config.document_lengths)
     program = HelixProgram(config=config, captured=captured, layers=layers, cuts=cuts, segments=segments,
-                           passes=record.records)
+                           passes=record.records, token_count=token_count)
     with record("build_schedule") as rec:
         program.schedule = _build_schedule(program)
         if program.schedule is not None:
@@ -200,6 +216,14 @@ class _PassRecorder:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.records.append(PassRecord(name, wall, before, self.nodes(), note.detail, cpu))
         log.debug("pass %s", self.records[-1])
+
+
+def _token_weighted(config: HelixConfig, model, *, loss_fn, loss_output) -> bool:
+    """Resolve ``loss_reduction``: "auto" is "tokens" for a Hugging Face causal LM scored by its
+    own loss (a token mean), else "micro_batch_mean"."""
+    if config.loss_reduction == "auto":
+        return is_hf_model(model) and loss_fn is None and loss_output is None
+    return config.loss_reduction == "tokens"
 
 
 def _check_depth_early(model: torch.nn.Module, pp_size: int) -> None:

@@ -1,4 +1,7 @@
-"""Model adapters: give every supported model the calling convention ``(input_ids, labels) -> loss``."""
+"""Model adapters: give every supported model the calling convention
+``(input_ids, labels, *inputs) -> loss``, where ``inputs`` are the program's extra per-token
+inputs by name (``position_ids``, ``attention_mask``, document ids...), passed to the model as
+keyword arguments."""
 
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ class HFCausalLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels):
-        out = self.model(input_ids=input_ids, labels=labels, use_cache=False)
+    def run(self, input_ids, labels, extra):
+        out = self.model(input_ids=input_ids, labels=labels, use_cache=False, **extra)
         loss = getattr(out, "loss", None)
         if loss is None:
             raise CaptureError(
@@ -37,11 +40,11 @@ class SelectLoss(torch.nn.Module):
         self.loss_output = loss_output
         self.hf = hf
 
-    def forward(self, input_ids, labels):
+    def run(self, input_ids, labels, extra):
         if self.hf:
-            out = self.model(input_ids=input_ids, labels=labels, use_cache=False)
+            out = self.model(input_ids=input_ids, labels=labels, use_cache=False, **extra)
         else:
-            out = self.model(input_ids, labels)
+            out = self.model(input_ids, labels, **extra)
         key = self.loss_output
         if isinstance(key, int):
             if not isinstance(out, (tuple, list)) or not -len(out) <= key < len(out):
@@ -67,11 +70,37 @@ class WithLossFn(torch.nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, input_ids, labels):
-        out = self.model(input_ids)
+    def run(self, input_ids, labels, extra):
+        out = self.model(input_ids, **extra)
         if hasattr(out, "logits"):
             out = out.logits
         return self.loss_fn(out, labels)
+
+
+class WithInputs(torch.nn.Module):
+    """A model that takes ``(input_ids, labels, **inputs)`` itself, called with ``inputs``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def run(self, input_ids, labels, extra):
+        return self.model(input_ids, labels, **extra)
+
+
+def _with_forward(adapter: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module:
+    """Give ``adapter`` a ``forward(self, input_ids, labels, <names>)`` (export names the graph's
+    placeholders after these parameters) that calls ``adapter.run(input_ids, labels, {...})``."""
+    params = ", ".join(names)
+    body = ", ".join(f"{n!r}: {n}" for n in names)
+    src = (f"def forward(self, input_ids, labels{', ' if names else ''}{params}):\n"
+           f"    return self.run(input_ids, labels, {{{body}}})\n")
+    scope: dict = {}
+    exec(src, scope)  # noqa: S102 - names are validated identifiers (HelixConfig)
+    cls = type(f"{type(adapter).__name__}With{''.join(n.title().replace('_', '') for n in names)}",
+               (type(adapter),), {"forward": scope["forward"], "__module__": __name__})
+    adapter.__class__ = cls
+    return adapter
 
 
 def is_hf_model(model: torch.nn.Module) -> bool:
@@ -127,22 +156,32 @@ def check_model_early(model, *, loss_fn=None, loss_output=None) -> None:
                              f"among the model's outputs, loss_fn computes it from the logits; pass one")
 
 
-def adapt_model(model: torch.nn.Module, *, loss_fn=None, loss_output=None) -> torch.nn.Module:
+def adapt_model(model: torch.nn.Module, *, loss_fn=None, loss_output=None,
+                inputs: tuple[str, ...] = ()) -> torch.nn.Module:
     check_model_early(model, loss_fn=loss_fn, loss_output=loss_output)
+    inputs = tuple(inputs)
     if is_hf_model(model):
         model.config.use_cache = False
         if loss_fn is not None:
-            return WithLossFn(model, loss_fn)
-        if loss_output is not None:
-            return SelectLoss(model, loss_output, hf=True)
-        return HFCausalLM(model)
+            adapter = WithLossFn(model, loss_fn)
+        elif loss_output is not None:
+            adapter = SelectLoss(model, loss_output, hf=True)
+        else:
+            adapter = HFCausalLM(model)
+        return _with_forward(adapter, inputs)
     if loss_fn is not None:
-        return WithLossFn(model, loss_fn)
+        return _with_forward(WithLossFn(model, loss_fn), inputs)
     if loss_output is not None:
-        return SelectLoss(model, loss_output)
-    params = list(inspect.signature(model.forward).parameters)
+        return _with_forward(SelectLoss(model, loss_output), inputs)
+    sig = inspect.signature(model.forward).parameters
+    params = list(sig)
     if len(params) < 2:
         raise CaptureError(
             f"{type(model).__name__}.forward takes {params}; without loss_fn the model must be called "
             f"as model(input_ids, labels) -> loss. Pass loss_fn=lambda logits, labels: ... otherwise")
-    return model
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+    missing = [n for n in inputs if n not in sig and not takes_kwargs]
+    if missing:
+        raise HelixError(f"inputs={inputs!r}: {type(model).__name__}.forward{inspect.signature(model.forward)} "
+                         f"takes no {missing[0]!r}; add that keyword parameter or drop it from inputs")
+    return _with_forward(WithInputs(model), inputs) if inputs else model

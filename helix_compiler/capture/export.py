@@ -65,13 +65,33 @@ def _check_positive_int(name: str, value) -> None:
         raise HelixError(f"{name}={value!r} must be a positive integer")
 
 
-def _example_inputs(module: torch.nn.Module, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+def _example_inputs(module: torch.nn.Module, batch: int, seq: int, inputs: tuple[str, ...] = (),
+                    given: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs in the adapter's order: token ids, labels, then each extra input (given,
+    or one unpadded document: ``position_ids`` 0..seq-1, ``attention_mask`` ones, anything
+    else zeros)."""
     device = next(iter(module.parameters())).device
-    vocab = _vocab_size(module)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    return ids.to(device), labels.to(device)
+    given = given or {}
+    if "input_ids" in given:
+        ids, labels = given["input_ids"], given["labels"]
+        batch, seq = ids.shape
+    else:
+        vocab = _vocab_size(module)
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    out = [ids.to(device), labels.to(device)]
+    for name in inputs:
+        if name in given:
+            t = given[name]
+        elif name == "position_ids":
+            t = torch.arange(seq).repeat(batch, 1)
+        elif name == "attention_mask":
+            t = torch.ones(batch, seq, dtype=torch.long)
+        else:
+            t = torch.zeros(batch, seq, dtype=torch.long)
+        out.append(t.to(device))
+    return tuple(out)
 
 
 def _vocab_size(module: torch.nn.Module) -> int:
@@ -142,21 +162,25 @@ def _export_graph(module, example_inputs, replicate: bool) -> tuple[fx.GraphModu
 
 
 def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_fn=None,
-            replicate_layers: bool = True, loss_output: int | str | None = None) -> CapturedGraph:
+            replicate_layers: bool = True, loss_output: int | str | None = None,
+            inputs: tuple[str, ...] = ()) -> CapturedGraph:
     """Capture ``model`` (called as ``model(input_ids, labels) -> loss``, or
     ``loss_fn(model(input_ids), labels)``; Hugging Face causal LMs are adapted) as one
     ATen graph with symbolic batch and sequence sizes. ``seq_len`` is checked against the
     longest sequence the model supports. ``replicate_layers``: export three blocks of a deep
     model and copy the third (see ``replicate.py``); False exports every layer.
     ``loss_output``: the position or key of the loss when the model returns several values.
+    ``inputs``: the extra per-token inputs (``("position_ids",)``...), placeholders of the graph
+    after ``input_ids`` and ``labels``, passed to the model by keyword.
     The captured graph must return one 0-dim floating tensor (the loss), else CaptureError."""
     _check_positive_int("seq_len", seq_len)
     if seq_len < 2:
         raise HelixError(f"seq_len={seq_len} must be at least 2")
-    module = adapt_model(model, loss_fn=loss_fn, loss_output=loss_output)
-    if example_inputs is None:
-        example_inputs = _example_inputs(module, TRACE_BATCH, max(3, min(TRACE_SEQ, seq_len)))
-    example_inputs = check_example_inputs(example_inputs)
+    inputs = tuple(inputs)
+    module = adapt_model(model, loss_fn=loss_fn, loss_output=loss_output, inputs=inputs)
+    given = check_example_inputs(example_inputs, inputs)
+    example_inputs = _example_inputs(module, TRACE_BATCH, max(3, min(TRACE_SEQ, seq_len)), inputs,
+                                     given)
     try:
         gm, (seq_min, seq_max), replication = _export_graph(module, example_inputs, replicate_layers)
     except HelixError:
@@ -188,19 +212,31 @@ def capture(model: torch.nn.Module, *, seq_len: int, example_inputs=None, loss_f
     return captured
 
 
-def check_example_inputs(example_inputs) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``example_inputs`` must be ``(input_ids, labels)``: two integer [batch, seq] tensors of
-    one shape (labels are traced: the loss reads them). None: helix_compiler makes them."""
+def check_example_inputs(example_inputs, inputs: tuple[str, ...] = ()) -> dict[str, torch.Tensor] | None:
+    """``example_inputs`` is ``(input_ids, labels)`` or a dict with those two keys and any of
+    the extra ``inputs``: integer [batch, seq] token ids and labels of one shape (labels are
+    traced: the loss reads them), extra inputs of that shape too. None: helix_compiler makes
+    them. Returns them by name."""
     if example_inputs is None:
         return None
-    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
-        raise HelixError(f"example_inputs must be a tuple (input_ids, labels); got {type(example_inputs).__name__}")
-    ex = tuple(example_inputs)
-    if len(ex) != 2:
-        raise HelixError(f"example_inputs must be (input_ids, labels); got {len(ex)} values. The model is "
-                         f"traced as model(input_ids, labels) -> loss: add labels (e.g. input_ids.clone())")
     fix = ("pass example_inputs=(input_ids, labels) with labels an integer tensor of input_ids' shape "
            "(e.g. labels=input_ids.clone()), or example_inputs=None to let helix_compiler make them")
+    if isinstance(example_inputs, dict):
+        unknown = sorted(set(example_inputs) - {"input_ids", "labels", *inputs})
+        if unknown:
+            raise HelixError(f"example_inputs has {unknown[0]!r}, which is neither input_ids, labels nor one of "
+                             f"inputs={tuple(inputs)!r}; add it to inputs or leave it out")
+        ex = (example_inputs.get("input_ids"), example_inputs.get("labels"))
+        extra = {k: v for k, v in example_inputs.items() if k not in ("input_ids", "labels")}
+    elif isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise HelixError(f"example_inputs must be a tuple (input_ids, labels); got {type(example_inputs).__name__}")
+    else:
+        ex, extra = tuple(example_inputs), {}
+        if len(ex) != 2:
+            raise HelixError(f"example_inputs must be (input_ids, labels); got {len(ex)} values. The model is "
+                             f"traced as model(input_ids, labels) -> loss: add labels (e.g. input_ids.clone()); "
+                             f"extra inputs go in a dict, example_inputs={{'input_ids': ..., 'labels': ..., "
+                             f"'position_ids': ...}}")
     for name, t in zip(("input_ids", "labels"), ex, strict=True):
         if t is None:
             raise HelixError(f"example_inputs: {name} is None; the model is traced as model(input_ids, labels) "
@@ -213,7 +249,12 @@ def check_example_inputs(example_inputs) -> tuple[torch.Tensor, torch.Tensor] | 
     if ex[0].shape != ex[1].shape:
         raise HelixError(f"example_inputs: labels shape {tuple(ex[1].shape)} differs from input_ids shape "
                          f"{tuple(ex[0].shape)}: {fix}")
-    return ex
+    for name, t in extra.items():
+        if not isinstance(t, torch.Tensor) or t.shape != ex[0].shape:
+            what = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise HelixError(f"example_inputs: {name} is {what}; every input is a [batch, seq] tensor of "
+                             f"input_ids' shape {tuple(ex[0].shape)}")
+    return {"input_ids": ex[0], "labels": ex[1], **extra}
 
 
 def _check_loss_output(captured: CapturedGraph, model, *, loss_fn, loss_output) -> None:

@@ -4,7 +4,9 @@ Matmul FLOPs follow ``torch.utils.flop_counter.FlopCounterMode`` exactly (2*M*N*
 matmul, bias adds not counted; backward counts only the gradients autograd computes: the
 input gradient when the input requires grad, the weight gradient when the weight does).
 Attention is counted dense as FlopCounterMode counts SDPA (forward 4*b*h*s_q*s_k*d, backward
-twice that); ``SegmentCost.attention_causal_factor`` (1/2) is what a causal kernel really does.
+twice that); ``SegmentCost.attention_causal_factor`` (1/2) is what a causal kernel really does,
+and ``extra["attention_computed_fraction"]`` what a windowed kernel, or any kernel over packed
+documents (``segment_cost(document_lengths=...)``), does (see :func:`attention_computed_fraction`).
 Saved-activation bytes follow autograd's saved tensors op by op (policy "none") or the
 recompute boundaries (other policies); which parts each policy keeps and reruns is the table
 in ``ir.recompute``.
@@ -18,6 +20,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..errors import HelixError
 from ..ir.program import Segment
 from ..ir.recompute import policy_for
 from ..ir.segment import POLICIES, SegmentCost
@@ -81,34 +84,81 @@ def _base(n: fx.Node) -> fx.Node:
     return n
 
 
-def attention_computed_fraction(sq, sk, causal: bool, window) -> sympy.Expr:
+def _band(s, left: int | None):
+    """Scores a causal kernel computes for ``s`` queries over the same ``s`` keys: ``s(s+1)/2``
+    (``left`` None: no window), or with a causal sliding window ``(left, 0)`` (each row sees
+    ``min(i, left) + 1`` keys) ``s(s+1)/2`` while ``s <= left + 1`` and
+    ``(left+1) s - left(left+1)/2`` after (a Piecewise when ``s`` is symbolic)."""
+    if left is None:
+        return s * (s + 1) / 2
+    return sympy.Piecewise((s * (s + 1) / 2, s <= left + 1),
+                           ((left + 1) * s - sympy.Rational(left * (left + 1), 2), True))
+
+
+def _window_left(causal: bool, window) -> int | None:
+    """The left extent of a causal sliding window, or None when the kernel's band is plain causal."""
+    if window is None or tuple(window) == (-1, -1) or not causal:
+        return None
+    left = int(window[0])
+    return left if left >= 0 else None
+
+
+def attention_computed_fraction(sq, sk, causal: bool, window, document_lengths=None) -> sympy.Expr:
     """Fraction of the dense ``sq x sk`` score matrix a kernel computes: 1 (full), 1/2 (causal,
     ``attention_causal_factor``'s value), or, for a causal sliding window ``(left, 0)`` at
     ``sq == sk == s``, ``band(s) / s**2`` with ``band(s) = s(s+1)/2`` while ``s <= left + 1``
-    and ``(left+1) s - left(left+1)/2`` after (each row sees ``min(i, left) + 1`` keys)."""
-    if window is None or tuple(window) == (-1, -1) or not causal or sympy.simplify(sq - sk) != 0:
-        return sympy.Rational(1, 2) if causal else sympy.Integer(1)
-    left = int(window[0])
-    if left < 0:
+    and ``(left+1) s - left(left+1)/2`` after (each row sees ``min(i, left) + 1`` keys).
+
+    ``document_lengths``: the lengths ``l_i`` of the documents packed into one sequence of
+    ``s = sum(l_i)`` tokens with document masking (``sq == sk == s``): each document is its own
+    block, so the fraction is ``sum_i band(l_i) / s**2`` (causal, ``band`` as above with or
+    without the window) or ``sum_i l_i**2 / s**2`` (non-causal), a plain Rational (the lengths
+    fix ``s``). Attention with ``sq != sk`` ignores the documents."""
+    square = sympy.simplify(sq - sk) == 0
+    left = _window_left(causal, window)
+    if document_lengths is not None and square:
+        docs = [int(d) for d in document_lengths]
+        if not docs or any(d <= 0 for d in docs):
+            raise HelixError(f"document_lengths={tuple(document_lengths)!r} must be positive lengths")
+        s = sum(docs)
+        if sympy.sympify(sq).is_Number and int(sq) != s:
+            raise HelixError(f"document_lengths={tuple(docs)!r} sum to {s}, but the attention sees "
+                             f"{int(sq)} tokens")
+        if causal:
+            blocks = sum((_band(sympy.Integer(d), left) for d in docs), sympy.Integer(0))
+        else:
+            blocks = sympy.Integer(sum(d * d for d in docs))
+        return sympy.Rational(blocks) / (s * s)
+    if not causal:
+        return sympy.Integer(1)
+    if left is None or not square:
         return sympy.Rational(1, 2)
-    s = sq
-    band = sympy.Piecewise((s * (s + 1) / 2, s <= left + 1),
-                           ((left + 1) * s - sympy.Rational(left * (left + 1), 2), True))
-    return band / (s * s)
+    return _band(sq, left) / (sq * sq)
 
 
-def _window_extra(attn_frac: list[tuple[sympy.Expr, sympy.Expr]]) -> dict[str, sympy.Expr]:
-    """``extra["attention_computed_fraction"]`` for segments with a windowed attention: the
-    FLOP-weighted fraction of the dense attention FLOPs the kernels compute (a sympy expression
-    in S). ``attention_causal_factor`` stays 1/2 (its readers take it as a number, and a
-    window's fraction depends on s); cost readers that want the window use this key."""
-    if all(frac in (sympy.Rational(1, 2), sympy.Integer(1)) for _, frac in attn_frac):
+def _fraction_extra(attn_frac: list[tuple[sympy.Expr, sympy.Expr]], *, always: bool) -> dict[str, sympy.Expr]:
+    """``extra["attention_computed_fraction"]``: the FLOP-weighted fraction of the segment's
+    dense attention FLOPs the kernels compute (a sympy expression in S for a window, a number
+    for packed documents), for segments with a windowed attention, or (``always``: packed
+    documents) every segment with an attention. ``attention_causal_factor`` stays 1/2 (its
+    readers take it as a number, and a window's fraction depends on s); cost readers go through
+    ``sim.costs.attention_fraction``, which prefers this key."""
+    if not attn_frac:
         return {}
+    if not always and all(frac in (sympy.Rational(1, 2), sympy.Integer(1)) for _, frac in attn_frac):
+        return {}
+    fracs = {frac for _, frac in attn_frac}
+    if len(fracs) == 1:
+        return {"attention_computed_fraction": fracs.pop()}
     total = sum((f for f, _ in attn_frac), sympy.Integer(0))
     return {"attention_computed_fraction": sum((f * frac for f, frac in attn_frac), sympy.Integer(0)) / total}
 
 
-def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: dict[str, int]) -> SegmentCost:
+def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: dict[str, int],
+                 document_lengths: tuple[int, ...] | None = None) -> SegmentCost:
+    """Cost of one segment. ``document_lengths``: documents packed into each sequence (document
+    masking); every segment with an attention then carries
+    ``extra["attention_computed_fraction"]`` (see :func:`attention_computed_fraction`)."""
     sz = _Sizes(to_expr)
     gm = seg.gm
     shipped = set(seg.shipped_params)
@@ -166,7 +216,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
                         bwd_in += flops
                     save(other)
         elif t == HELIX_ATTENTION:
-            q, k, v = n.args
+            q, k, v = n.args[:3]
             bq, hq, sq, d = sz.shape(q)
             sk = sz.shape(k)[2]
             f = 4 * bq * hq * sq * sk * d
@@ -175,7 +225,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
             bwd_in += 2 * f
             attn_b += 2 * f
             attn_frac.append((f, attention_computed_fraction(sq, sk, n.kwargs.get("causal", False),
-                                                             n.kwargs.get("window"))))
+                                                             n.kwargs.get("window"), document_lengths)))
             for x in (q, k, v):
                 save(x)
             lse_item = 4 if q.meta["val"].dtype in (torch.float16, torch.bfloat16) else q.meta["val"].element_size()
@@ -227,4 +277,4 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
         saved_bytes={k: sympy.expand(v) for k, v in saved_bytes.items()},
         param_bytes=sympy.Integer(sum(param_bytes[p] for p in seg.params if p in owned_params)),
         out_bytes=sympy.expand(out_bytes), shipped_param_bytes=sympy.expand(ship_out),
-        extra=_window_extra(attn_frac))
+        extra=_fraction_extra(attn_frac, always=document_lengths is not None))

@@ -47,6 +47,21 @@ class SharedParam:
 
 
 @dataclass(frozen=True)
+class TokenCount:
+    """The number of counted tokens of one micro batch, as the model's loss counts them:
+    ``count(*inputs) -> target`` (the loss's target computed from the user inputs); a token
+    counts where ``target != ignore_index`` (``passes.token_loss`` extracts it)."""
+
+    gm: fx.GraphModule
+    inputs: tuple[str, ...]  # user inputs it reads, in placeholder order
+    ignore_index: int
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = self.gm(*(batch[n] for n in self.inputs))
+        return (target != self.ignore_index).sum()
+
+
+@dataclass(frozen=True)
 class StageProgram:
     rank: int
     num_ranks: int
@@ -70,6 +85,11 @@ class StageProgram:
     vocab_size: int | None  # token ids must lie in [0, vocab_size)
     ignore_index: int  # the one label value outside [0, vocab_size) that is allowed
     fingerprint: str  # identical on every rank of one compiled program
+    # None: the step's loss is the mean of the micro batches' losses; else the head returns
+    # token sums and the step divides by the step's counted tokens
+    token_count: TokenCount | None = None
+    document_inputs: tuple[str, ...] = ()  # per-token document ids the attention masks by
+    padding_inputs: tuple[str, ...] = ()  # right-padding masks the attention masks by
 
     @property
     def head(self) -> str:

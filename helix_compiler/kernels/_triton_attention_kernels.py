@@ -15,6 +15,13 @@ band (blocks entirely outside it are never loaded) and the band's edges are mask
 A row may then meet fully masked blocks before its first visible key: the running max is kept
 finite (``m_safe``) so that such blocks contribute exp2(-inf) = 0, and rows that see no key
 at all get out 0, lse -inf.
+Documents (``HAS_DOCS``): ``DOC`` holds the ``[batch, seq]`` int32 document id per token
+(``seq_q == seq_k``), ``DSTART``/``DEND`` (same strides ``sib, sis``) the row positions of the
+first token and one past the last token of each token's document. Query i sees key j only if
+``DOC[i] == DOC[j]`` (masked inside the blocks, with causal and window). As documents are
+contiguous runs, the loops are also bounded: a query block only visits keys from the start of
+its first row's document to the end of its last row's document, a key block only the query
+rows from the start of its first key's document to the end of its last key's document.
 Scores are kept in base 2 (``qk * scale * log2(e)``, ``exp2``); the stored lse is natural-log.
 
 ``UPCAST`` converts every loaded tile to fp32: required in the interpreter, whose ``tl.dot``
@@ -37,7 +44,9 @@ def attn_fwd_kernel(
     slb, slh, sls,
     H, SQ, SK, D, qk_scale,  # qk_scale = softmax scale * log2(e)
     WL, WR,
+    DOC, DSTART, DEND, sib, sis,  # document ids / spans [b, s] (HAS_DOCS only)
     GROUPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -72,6 +81,13 @@ def attn_fwd_kernel(
         lo = (tl.maximum(0, start_m - WL) // BLOCK_N) * BLOCK_N
     if HAS_RIGHT:
         hi = tl.minimum(hi, start_m + BLOCK_M + WR)
+    if HAS_DOCS:
+        doc_base = b * sib
+        doc_q = tl.load(DOC + doc_base + offs_m * sis, mask=m_valid, other=-1)
+        # keys of the documents of rows start_m .. last_m only (documents are contiguous runs)
+        last_m = tl.minimum(start_m + BLOCK_M, SQ) - 1
+        lo = tl.maximum(lo, (tl.load(DSTART + doc_base + start_m * sis) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, tl.load(DEND + doc_base + last_m * sis))
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < SK
@@ -89,6 +105,9 @@ def attn_fwd_kernel(
             valid = valid & (cols[None, :] >= offs_m[:, None] - WL)
         if HAS_RIGHT:
             valid = valid & (cols[None, :] <= offs_m[:, None] + WR)
+        if HAS_DOCS:
+            doc_k = tl.load(DOC + doc_base + cols * sis, mask=n_valid, other=-2)
+            valid = valid & (doc_q[:, None] == doc_k[None, :])
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row has seen no key yet
@@ -142,7 +161,9 @@ def attn_bwd_dkdv_kernel(
     sdvb, sdvh, sdvs, sdvd,
     HKV, SQ, SK, D, sm_scale, qk_scale,
     WL, WR,
+    DOC, DSTART, DEND, sib, sis,  # document ids / spans [b, s] (HAS_DOCS only)
     GROUPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -174,6 +195,13 @@ def attn_bwd_dkdv_kernel(
         lo = tl.maximum(lo, (tl.maximum(0, start_n - WR) // BLOCK_M) * BLOCK_M)
     if HAS_LEFT:  # rows i <= (start_n + BLOCK_N - 1) + WL
         hi = tl.minimum(SQ, start_n + BLOCK_N + WL)
+    if HAS_DOCS:
+        doc_base = b * sib
+        doc_k = tl.load(DOC + doc_base + offs_n * sis, mask=n_valid, other=-2)
+        # query rows of the documents of keys start_n .. last_n only
+        last_n = tl.minimum(start_n + BLOCK_N, SK) - 1
+        lo = tl.maximum(lo, (tl.load(DSTART + doc_base + start_n * sis) // BLOCK_M) * BLOCK_M)
+        hi = tl.minimum(hi, tl.load(DEND + doc_base + last_n * sis))
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
         q_base = Q + b * sqb + h * sqh
@@ -201,6 +229,9 @@ def attn_bwd_dkdv_kernel(
                 valid = valid & (offs_n[None, :] >= offs_m[:, None] - WL)
             if HAS_RIGHT:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + WR)
+            if HAS_DOCS:
+                doc_q = tl.load(DOC + doc_base + offs_m * sis, mask=m_valid, other=-1)
+                valid = valid & (doc_q[:, None] == doc_k[None, :])
             p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None] * LOG2E),
                          0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -224,7 +255,9 @@ def attn_bwd_dq_kernel(
     sdqb, sdqh, sdqs, sdqd,
     H, SQ, SK, D, sm_scale, qk_scale,
     WL, WR,
+    DOC, DSTART, DEND, sib, sis,  # document ids / spans [b, s] (HAS_DOCS only)
     GROUPS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -261,6 +294,13 @@ def attn_bwd_dq_kernel(
         lo = (tl.maximum(0, start_m - WL) // BLOCK_N) * BLOCK_N
     if HAS_RIGHT:
         hi = tl.minimum(hi, start_m + BLOCK_M + WR)
+    if HAS_DOCS:
+        doc_base = b * sib
+        doc_q = tl.load(DOC + doc_base + offs_m * sis, mask=m_valid, other=-1)
+        # keys of the documents of rows start_m .. last_m only (documents are contiguous runs)
+        last_m = tl.minimum(start_m + BLOCK_M, SQ) - 1
+        lo = tl.maximum(lo, (tl.load(DSTART + doc_base + start_m * sis) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, tl.load(DEND + doc_base + last_m * sis))
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < SK
@@ -278,6 +318,9 @@ def attn_bwd_dq_kernel(
             valid = valid & (cols[None, :] >= offs_m[:, None] - WL)
         if HAS_RIGHT:
             valid = valid & (cols[None, :] <= offs_m[:, None] + WR)
+        if HAS_DOCS:
+            doc_k = tl.load(DOC + doc_base + cols * sis, mask=n_valid, other=-2)
+            valid = valid & (doc_q[:, None] == doc_k[None, :])
         p = tl.where(valid, tl.math.exp2(qk * qk_scale - lse[:, None] * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

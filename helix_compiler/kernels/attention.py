@@ -1,5 +1,13 @@
-"""``helix::attention(q, k, v, *, causal, scale, window=None) -> (out, lse)``: the one
-attention op of a canonical graph.
+"""``helix::attention(q, k, v, doc_ids=None, *, causal, scale, window=None) -> (out, lse)``:
+the one attention op of a canonical graph.
+
+``doc_ids`` (``[batch, seq]`` integers, per row nondecreasing from 0, one contiguous run per
+document; ``helix::document_ids`` makes them from the user's ``position_ids``, document ids
+or padding mask) masks attention at document boundaries: query i sees key j only if both lie
+in one document (on top of causal and window, whose arithmetic uses the global positions).
+Backends that declare ``documents=True`` take ``doc_ids=`` natively (Triton, flash-attn's
+varlen kernels); for the others the op runs the backend once per document on its slice of
+the sequence (the block-diagonal path: no s x s mask is ever built).
 
 ``window`` is flash-attn's ``window_size``: ``(left, right)``, ``-1`` = unbounded. Query ``i``
 sees key ``j`` iff ``i - left <= j <= i + right`` (and ``j <= i`` when causal; masks are
@@ -46,6 +54,9 @@ class AttentionBackend:
     available: Callable[[torch.device], bool]  # usable on this device?
     # Optional finer check: None if (device, dtype, head_dim) is supported, else the reason.
     unsupported: Callable[[torch.device, torch.dtype, int], str | None] | None = None
+    # True: forward/backward take ``doc_ids=`` (passed only when the call has documents);
+    # False: the op runs them once per document instead.
+    documents: bool = False
 
     def reason_unusable(self, device: torch.device, dtype: torch.dtype | None = None,
                         head_dim: int | None = None) -> str | None:
@@ -399,23 +410,102 @@ def _register_optional_backends() -> None:
     from . import triton_attention as tr
 
     register_backend(AttentionBackend("flash_attn", fa.flash_attn_forward, fa.flash_attn_backward,
-                                      fa.available, fa.unsupported), first=True)
+                                      fa.available, fa.unsupported, documents=True), first=True)
     register_backend(AttentionBackend("triton", tr.triton_attention_forward,
                                       tr.triton_attention_backward, tr.available,
-                                      tr.unsupported))
+                                      tr.unsupported, documents=True))
 
 
 _register_optional_backends()
 
 
+# --- documents ---------------------------------------------------------------------------------
+def document_runs(doc_ids: Tensor) -> list[list[tuple[int, int]]]:
+    """Per batch row, the ``[start, end)`` token ranges of its documents (one host sync)."""
+    b, s = doc_ids.shape
+    change = (doc_ids[:, 1:] != doc_ids[:, :-1]).cpu()
+    runs = []
+    for row in range(b):
+        cuts = [0, *(change[row].nonzero().flatten() + 1).tolist(), s]
+        runs.append(list(zip(cuts[:-1], cuts[1:], strict=True)))
+    return runs
+
+
+def _document_slices(doc_ids: Tensor):
+    """``(batch slice, seq slice)`` pairs covering every document once: all rows at a time
+    when every row has the same boundaries, else one row at a time."""
+    runs = document_runs(doc_ids)
+    if all(r == runs[0] for r in runs):
+        return [(slice(None), slice(a, b)) for a, b in runs[0]]
+    return [(slice(row, row + 1), slice(a, b)) for row, r in enumerate(runs) for a, b in r]
+
+
+def per_document_forward(backend: AttentionBackend, q, k, v, causal, scale, window, doc_ids):
+    """A backend without document support run once per document; a windowed document keeps its
+    window (positions shift alike for queries and keys)."""
+    b, h, s, _ = q.shape
+    out = q.new_empty((b, h, s, v.shape[-1]))
+    lse = q.new_empty((b, h, s), dtype=_lse_dtype(q.dtype))
+    for rows, seq in _document_slices(doc_ids):
+        o, m = backend.forward(q[rows, :, seq], k[rows, :, seq], v[rows, :, seq], causal, scale,
+                               *_window_args(window))
+        out[rows, :, seq] = o
+        lse[rows, :, seq] = m
+    return out, lse
+
+
+def per_document_backward(backend: AttentionBackend, dout, q, k, v, out, lse, causal, scale, window,
+                          doc_ids):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for rows, seq in _document_slices(doc_ids):
+        parts = backend.backward(dout[rows, :, seq].contiguous(), q[rows, :, seq], k[rows, :, seq],
+                                 v[rows, :, seq], out[rows, :, seq], lse[rows, :, seq].contiguous(),
+                                 causal, scale, *_window_args(window))
+        for grad, part in zip((dq, dk, dv), parts, strict=True):
+            grad[rows, :, seq] = part
+    return dq, dk, dv
+
+
+@torch.library.custom_op("helix::document_ids", mutates_args=())
+def document_ids(position_ids: Tensor | None, segment_ids: Tensor | None,
+                 attention_mask: Tensor | None) -> Tensor:
+    """``[batch, seq]`` int32 document index per token, from whichever inputs the model has:
+    a document starts where ``position_ids`` do not continue by +1 (Hugging Face's packed
+    format), where ``segment_ids`` (per-token document ids) change, and at the first padding
+    token of ``attention_mask`` (right padding: the padding is a document of its own, which
+    no real token sees)."""
+    given = [t for t in (position_ids, segment_ids, attention_mask) if t is not None]
+    if not given:
+        raise HelixError("helix::document_ids needs position_ids, segment_ids or attention_mask")
+    start = torch.zeros(given[0].shape, dtype=torch.bool, device=given[0].device)
+    if position_ids is not None:
+        start[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if segment_ids is not None:
+        start[:, 1:] |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    if attention_mask is not None:
+        start[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    return start.to(torch.int32).cumsum(-1, dtype=torch.int32)
+
+
+@document_ids.register_fake
+def _(position_ids, segment_ids, attention_mask):
+    t = next(x for x in (position_ids, segment_ids, attention_mask) if x is not None)
+    return t.new_empty(t.shape, dtype=torch.int32)
+
+
 # --- the op ----------------------------------------------------------------------------------
-def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None = None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise HelixError(f"helix::attention takes [batch, heads, seq, head_dim] tensors; got "
                          f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[1] % k.shape[1] != 0:
         raise HelixError(f"helix::attention: K/V heads must divide Q heads and K, V must match; "
                          f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if doc_ids is not None and (tuple(doc_ids.shape) != (q.shape[0], q.shape[2]) or q.shape[2] != k.shape[2]
+                                or doc_ids.is_floating_point()):
+        raise HelixError(f"helix::attention: doc_ids must be integer [batch, seq] = "
+                         f"[{q.shape[0]}, {q.shape[2]}] with seq_q == seq_k; got {doc_ids.dtype} "
+                         f"{tuple(doc_ids.shape)} for q{tuple(q.shape)} k{tuple(k.shape)}")
 
 
 def _window_args(window) -> tuple:
@@ -423,50 +513,71 @@ def _window_args(window) -> tuple:
     return () if window is None or tuple(window) == (-1, -1) else (tuple(int(w) for w in window),)
 
 
+def _single_document(doc_ids: Tensor | None) -> bool:
+    return doc_ids is None or doc_ids.shape[1] == 0 or bool((doc_ids[:, -1] == doc_ids[:, 0]).all())
+
+
+def run_forward(backend: AttentionBackend, q, k, v, doc_ids, causal, scale, window):
+    if _single_document(doc_ids):
+        return backend.forward(q, k, v, causal, scale, *_window_args(window))
+    if backend.documents:
+        return backend.forward(q, k, v, causal, scale, *_window_args(window), doc_ids=doc_ids)
+    return per_document_forward(backend, q, k, v, causal, scale, window, doc_ids)
+
+
+def run_backward(backend: AttentionBackend, dout, q, k, v, out, lse, doc_ids, causal, scale, window):
+    if _single_document(doc_ids):
+        return backend.backward(dout, q, k, v, out, lse, causal, scale, *_window_args(window))
+    if backend.documents:
+        return backend.backward(dout, q, k, v, out, lse, causal, scale, *_window_args(window),
+                                doc_ids=doc_ids)
+    return per_document_backward(backend, dout, q, k, v, out, lse, causal, scale, window, doc_ids)
+
+
 @torch.library.custom_op("helix::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
-              window: list[int] | None = None) -> tuple[Tensor, Tensor]:
-    _check(q, k, v)
+def attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None = None, *, causal: bool,
+              scale: float, window: list[int] | None = None) -> tuple[Tensor, Tensor]:
+    _check(q, k, v, doc_ids)
     normalize_window(window, causal, q.shape[2], k.shape[2])  # validates
     backend = select_backend(q.device, q.dtype, q.shape[-1])
-    out, lse = backend.forward(q, k, v, causal, scale, *_window_args(window))
+    out, lse = run_forward(backend, q, k, v, doc_ids, causal, scale, window)
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, *, causal, scale, window=None):
+def _(q, k, v, doc_ids=None, *, causal, scale, window=None):
     b, h, s, _ = q.shape
     return q.new_empty((b, h, s, v.shape[-1])), q.new_empty((b, h, s), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("helix::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       *, causal: bool, scale: float, window: list[int] | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       doc_ids: Tensor | None = None, *, causal: bool, scale: float,
+                       window: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     backend = select_backend(q.device, q.dtype, q.shape[-1])
-    dq, dk, dv = backend.backward(dout.contiguous(), q, k, v, out, lse, causal, scale,
-                                  *_window_args(window))
+    dq, dk, dv = run_backward(backend, dout.contiguous(), q, k, v, out, lse, doc_ids, causal, scale, window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, *, causal, scale, window=None):
+def _(dout, q, k, v, out, lse, doc_ids=None, *, causal, scale, window=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v = inputs
+    q, k, v = inputs[:3]
+    doc_ids = inputs[3] if len(inputs) > 3 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
     ctx.kwargs = dict(keyword_only_inputs)
 
 
 def _backward(ctx, dout, dlse):
     # dlse: the lse output is for the runtime/recompute machinery only, never differentiated.
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, doc_ids = ctx.saved_tensors
     if dout is None:
-        return None, None, None
-    return attention_backward(dout, q, k, v, out, lse, **ctx.kwargs)
+        return None, None, None, None
+    return (*attention_backward(dout, q, k, v, out, lse, doc_ids, **ctx.kwargs), None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

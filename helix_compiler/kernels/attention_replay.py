@@ -6,7 +6,7 @@ no-grad forward runs in "record" mode (the op's ``out`` and ``lse`` are kept), a
 backward's recompute of the pre-function runs in "replay" mode: the recorded ``out``/``lse``
 are returned through an autograd function whose backward is ``helix::attention_backward``.
 So the attention forward never runs twice, while the QKV projection and the rest of the
-pre-function are recomputed. Keyword arguments of the op (causal, scale, window, ...) pass
+pre-function are recomputed. The document ids and the keyword arguments of the op (causal, scale, window, ...) pass
 through unchanged to both the forward and the backward op.
 """
 
@@ -32,29 +32,29 @@ _state = _State()
 
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, out, lse, kwargs):
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, doc_ids, out, lse, kwargs):
+        ctx.save_for_backward(q, k, v, doc_ids, out, lse)
         ctx.kwargs = kwargs
         return out.detach(), lse.detach()
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.helix.attention_backward(dout, q, k, v, out, lse, **ctx.kwargs)
-        return dq, dk, dv, None, None, None
+        q, k, v, doc_ids, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.helix.attention_backward(dout, q, k, v, out, lse, doc_ids, **ctx.kwargs)
+        return dq, dk, dv, None, None, None, None
 
 
-def attention(q, k, v, **kwargs):
+def attention(q, k, v, doc_ids=None, **kwargs):
     if _state.mode == "direct":
-        return HELIX_ATTENTION(q, k, v, **kwargs)
+        return HELIX_ATTENTION(q, k, v, doc_ids, **kwargs)
     if _state.mode == "record":
         with torch.no_grad():
-            out, lse = HELIX_ATTENTION(q, k, v, **kwargs)
+            out, lse = HELIX_ATTENTION(q, k, v, doc_ids, **kwargs)
         _state.cache.append((out, lse))
         return out, lse
     out, lse = _state.cache[_state.index]
     _state.index += 1
-    return _Replay.apply(q, k, v, out, lse, kwargs)
+    return _Replay.apply(q, k, v, doc_ids, out, lse, kwargs)
 
 
 @contextlib.contextmanager

@@ -9,12 +9,26 @@ dK/dV come back already reduced over the query-head groups.
 Its causal mask is bottom-right aligned, SDPA's (and ours) top-left: they agree only when
 seq_q == seq_k, so a causal call with different lengths is rejected. The private entry points
 ``_flash_attn_forward`` / ``_flash_attn_backward`` changed their signature over versions
-(``window_size=(l, r)`` until 2.5, ``window_size_left/right`` and ``softcap`` from 2.6, the
-forward returning 8 values until 2.5 and 4 after): we bind by parameter name.
+(``window_size=(l, r)`` from 2.3 until 2.6, ``window_size_left/right`` from 2.7, ``softcap``
+from 2.6, the forward returning 8 values until 2.6 and 4 from 2.7): we bind by parameter name.
 
 Sliding windows: ``helix::attention``'s ``window=(left, right)`` is flash-attn's
 ``window_size`` (same -1 = unbounded convention); like causal masks, flash-attn aligns
 windows bottom-right, so a windowed call needs seq_q == seq_k.
+
+Documents (``doc_ids=``, ``[batch, seq]``): the varlen entry points
+``_flash_attn_varlen_forward`` / ``_flash_attn_varlen_backward``. The ``batch x seq`` tokens
+are flattened to ``[total, heads, head_dim]`` and every document is one varlen sequence
+(``cu_seqlens`` of the document starts, ``max_seqlen`` the longest document, from
+``documents.document_bounds``; the same for queries and keys). Inside a document seq_q ==
+seq_k, so flash-attn's bottom-right causal mask and window are ours. The varlen lse layout
+changed in 2.6 (``flash_api.cpp``, ``mha_varlen_fwd``/``mha_varlen_bwd``): ``[heads, total]``
+("unpadded lse") from 2.6, ``[num_docs, heads, max_seqlen]`` (one padded row per document)
+before. The forward's result is converted to ``[batch, heads, seq]`` by its shape; the
+backward gives flash-attn the layout of its version, told by its signature (``softcap``, a
+parameter of ``_flash_attn_varlen_backward`` since the same 2.6). When every document is one
+token long flash-attn would take its "seqlen_q == 1, GQA" path (which reshapes q and lse for
+decoding); a ``(0, 0)`` window, which masks nothing then, keeps it off.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..errors import HelixError
+from .documents import check_doc_ids, document_bounds, token_documents
 
 
 @functools.cache
@@ -89,9 +104,12 @@ def _window(window, causal: bool, q: Tensor, k: Tensor) -> tuple[int, int] | Non
 
 def flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                        window: tuple[int, int] | None = None,
-                       interface: ModuleType | None = None) -> tuple[Tensor, Tensor]:
+                       interface: ModuleType | None = None, *,
+                       doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     fa = interface or _interface()
     assert fa is not None, "flash_attn backend used without flash_attn"
+    if doc_ids is not None:
+        return _varlen_forward(fa, q, k, v, causal, scale, window, doc_ids)
     window = _window(window, causal, q, k)
     _check_causal(q, k, causal, window)
     d = q.shape[-1]
@@ -106,9 +124,12 @@ def flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
 
 def flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                         causal: bool, scale: float, window: tuple[int, int] | None = None,
-                        interface: ModuleType | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        interface: ModuleType | None = None, *,
+                        doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     fa = interface or _interface()
     assert fa is not None, "flash_attn backend used without flash_attn"
+    if doc_ids is not None:
+        return _varlen_backward(fa, dout, q, k, v, out, lse, causal, scale, window, doc_ids)
     window = _window(window, causal, q, k)
     _check_causal(q, k, causal, window)
     d = q.shape[-1]
@@ -118,6 +139,103 @@ def flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
           {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
            "deterministic": False, "rng_state": None, **_window_options(window)})
     return tuple(x[..., :d].transpose(1, 2) for x in (dq, dk, dv))  # type: ignore[return-value]
+
+
+# --- documents: the varlen entry points ---------------------------------------------------------
+def _flat(x: Tensor) -> Tensor:
+    """``[b, h, s, d]`` -> flash-attn's varlen ``[b * s, h, d]`` (head dim padded to 8)."""
+    b, h, s, d = x.shape
+    return _pad8(x.transpose(1, 2).reshape(b * s, h, d))
+
+
+def _unflat(x: Tensor, b: int, s: int, d: int) -> Tensor:
+    """Varlen ``[b * s, h, d_padded]`` -> ``[b, h, s, d]`` (a view)."""
+    return x.view(b, s, x.shape[1], x.shape[2])[..., :d].transpose(1, 2)
+
+
+def varlen_lse_to_helix(lse: Tensor, doc_ids: Tensor) -> Tensor:
+    """flash-attn's varlen lse -> helix's ``[batch, heads, seq]`` (contiguous), by its shape:
+    ``[heads, total]`` (>= 2.6) or ``[num_docs, heads, max_seqlen]`` (< 2.6, each document's
+    rows from position 0, the tail of the shorter ones unused)."""
+    b, s = doc_ids.shape
+    if lse.dim() == 2:
+        h = lse.shape[0]
+        assert lse.shape[1] == b * s, (tuple(lse.shape), b, s)
+        return lse.reshape(h, b, s).transpose(0, 1).contiguous()
+    assert lse.dim() == 3, tuple(lse.shape)
+    doc, offset = token_documents(doc_ids)
+    return lse[doc, :, offset].reshape(b, s, lse.shape[1]).transpose(1, 2).contiguous()
+
+
+def helix_lse_to_varlen(lse: Tensor, doc_ids: Tensor, num_docs: int, max_seqlen: int,
+                        unpadded: bool) -> Tensor:
+    """helix's ``[batch, heads, seq]`` lse -> the varlen layout flash-attn's backward reads:
+    ``[heads, total]`` when ``unpadded`` (>= 2.6), else ``[num_docs, heads, max_seqlen]``."""
+    b, h, s = lse.shape
+    lse = lse.to(torch.float32)
+    if unpadded:
+        return lse.transpose(0, 1).reshape(h, b * s).contiguous()
+    doc, offset = token_documents(doc_ids)
+    padded = lse.new_zeros((num_docs, h, max_seqlen))  # the padding rows are never read
+    padded[doc, :, offset] = lse.transpose(1, 2).reshape(b * s, h)
+    return padded
+
+
+def _unpadded_lse(fa: Any) -> bool:
+    """Does this flash-attn keep the varlen lse as ``[heads, total]`` (>= 2.6)? 2.6 added
+    ``softcap`` to ``_flash_attn_varlen_backward`` in the release that changed the layout."""
+    return "softcap" in _param_names(fa._flash_attn_varlen_backward)
+
+
+def _has_windows(fn: Any) -> bool:
+    names = _param_names(fn)
+    return "window_size" in names or "window_size_left" in names
+
+
+def _check_window_supported(fn: Any, window: tuple[int, int] | None) -> None:
+    if window is not None and not _has_windows(fn):
+        raise HelixError(f"this flash_attn has no sliding windows (window={tuple(window)}); "
+                         "install flash-attn>=2.6 or set HELIX_ATTENTION_BACKEND=aten")
+
+
+def _varlen_setup(fa_fn: Any, q: Tensor, k: Tensor, causal: bool, window, doc_ids: Tensor):
+    check_doc_ids(doc_ids, q.shape[0], q.shape[2], k.shape[2])
+    doc_ids = doc_ids.to(q.device)
+    window = _window(window, causal, q, k)
+    cu_seqlens, max_seqlen = document_bounds(doc_ids)
+    _check_window_supported(fa_fn, window)
+    if max_seqlen == 1 and _has_windows(fa_fn):
+        window = (0, 0)  # one-token documents: see the module docstring
+    return doc_ids, window, cu_seqlens, max_seqlen
+
+
+def _varlen_forward(fa: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window,
+                    doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+    fn = fa._flash_attn_varlen_forward
+    doc_ids, window, cu, max_seqlen = _varlen_setup(fn, q, k, causal, window, doc_ids)
+    b, _, s, d = q.shape
+    res = _bind(fn, (_flat(q), _flat(k), _flat(v), cu, cu, max_seqlen, max_seqlen),
+                {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
+                 "return_softmax": False, "block_table": None, **_window_options(window)})
+    # >= 2.7: (out, lse, S_dmask, rng_state); <= 2.6: (out, q, k, v, out_padded, lse, S, rng),
+    # 2.0: the same without rng
+    out, lse = (res[0], res[1]) if len(res) == 4 else (res[4], res[5])
+    return _unflat(out, b, s, d), varlen_lse_to_helix(lse, doc_ids)
+
+
+def _varlen_backward(fa: Any, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                     lse: Tensor, causal: bool, scale: float, window,
+                     doc_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    fn = fa._flash_attn_varlen_backward
+    doc_ids, window, cu, max_seqlen = _varlen_setup(fn, q, k, causal, window, doc_ids)
+    b, _, s, d = q.shape
+    dot, qt, kt, vt, ot = (_flat(x) for x in (dout, q, k, v, out))
+    dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+    lse_fa = helix_lse_to_varlen(lse, doc_ids, cu.numel() - 1, max_seqlen, _unpadded_lse(fa))
+    _bind(fn, (dot, qt, kt, vt, ot, lse_fa, dq, dk, dv, cu, cu, max_seqlen, max_seqlen),
+          {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
+           "deterministic": False, "rng_state": None, **_window_options(window)})
+    return tuple(_unflat(x, b, s, d) for x in (dq, dk, dv))  # type: ignore[return-value]
 
 
 def available(device: torch.device) -> bool:

@@ -4,9 +4,10 @@ Forward writes ``(out, lse)``; backward consumes them (no forward rerun): a prep
 kernel computes ``delta = rowsum(dO * O)``, one kernel per K/V block accumulates dK/dV over
 every query head of its GQA group, one kernel per Q block accumulates dQ (two passes, no
 atomics). Causal and non-causal, sliding windows ``(left, right)`` (blocks outside the band
-are skipped by the loop bounds), any sequence length (masked tails), GQA, fp32/fp16/bf16,
-head dims up to 256 (64 and 128 are the tuned ones; any other is padded to a power of two
-inside the kernel by masking).
+are skipped by the loop bounds), document masking (``doc_ids=``: masked by id equality inside
+the blocks, blocks of other documents skipped by the loop bounds), any sequence length
+(masked tails), GQA, fp32/fp16/bf16, head dims up to 256 (64 and 128 are the tuned ones; any
+other is padded to a power of two inside the kernel by masking).
 
 Available on CUDA (when ``triton`` imports) and, for CPU tensors, only when
 ``TRITON_INTERPRET=1`` is set: the kernels are ``triton.jit``-wrapped on first use, keyed by
@@ -142,12 +143,30 @@ def _window_args(window, causal: bool, sq: int, sk: int) -> tuple[tuple[int, int
     return (max(left, 0), max(right, 0)), dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
 
 
+def _doc_args(doc_ids: Tensor | None, q: Tensor, k: Tensor) -> tuple[tuple, dict]:
+    """Kernel arguments ``DOC, DSTART, DEND, sib, sis`` and the ``HAS_DOCS`` flag: int32
+    contiguous ``[b, s]`` ids and per-token document spans (see ``documents.document_spans``);
+    a 1-element placeholder (never read) without documents."""
+    if doc_ids is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return (dummy, dummy, dummy, 0, 0), dict(HAS_DOCS=False)
+    from .documents import check_doc_ids, document_spans
+
+    check_doc_ids(doc_ids, q.shape[0], q.shape[2], k.shape[2])
+    ids = doc_ids.to(device=q.device, dtype=torch.int32).contiguous()
+    start, end = document_spans(ids)
+    assert start.stride() == ids.stride() == end.stride(), (start.stride(), ids.stride())
+    return (ids, start, end, *_strides(ids)), dict(HAS_DOCS=True)
+
+
 def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                              window: tuple[int, int] | None = None,
-                             config: BlockConfig | None = None) -> tuple[Tensor, Tensor]:
+                             config: BlockConfig | None = None, *,
+                             doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     wargs, wflags = _window_args(window, causal, sq, sk)
+    dargs, dflags = _doc_args(doc_ids, q, k)
     _check_mode(q.device)
     cfg = config or default_config(q.device, q.dtype, d)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -158,8 +177,8 @@ def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scal
     grid = (_cdiv(sq, cfg.fwd_m), b * h)
     _kernels().fwd[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        *_strides(lse), h, sq, sk, d, scale * _LOG2E, *wargs,
-        GROUPS=h // hkv, CAUSAL=causal, **wflags, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n,
+        *_strides(lse), h, sq, sk, d, scale * _LOG2E, *wargs, *dargs,
+        GROUPS=h // hkv, CAUSAL=causal, **wflags, **dflags, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n,
         BLOCK_D=_block_d(d), UPCAST=upcast, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -168,10 +187,12 @@ def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scal
 def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                               lse: Tensor, causal: bool, scale: float,
                               window: tuple[int, int] | None = None,
-                              config: BlockConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                              config: BlockConfig | None = None, *,
+                              doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     wargs, wflags = _window_args(window, causal, sq, sk)
+    dargs, dflags = _doc_args(doc_ids, q, k)
     _check_mode(q.device)
     cfg = config or default_config(q.device, q.dtype, d)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -188,17 +209,17 @@ def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
         out, dout, delta, *_strides(out), *_strides(dout), *_strides(delta), h, sq, d,
         BLOCK_M=cfg.dq_m, BLOCK_D=bd)
     assert lse.stride() == delta.stride(), (lse.stride(), delta.stride())
-    common = dict(GROUPS=h // hkv, CAUSAL=causal, **wflags, BLOCK_D=bd, UPCAST=upcast,
+    common = dict(GROUPS=h // hkv, CAUSAL=causal, **wflags, **dflags, BLOCK_D=bd, UPCAST=upcast,
                   DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     kernels.dkdv[(_cdiv(sk, cfg.dkdv_n), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
         *_strides(dout), *_strides(lse), *_strides(dk), *_strides(dv),
-        hkv, sq, sk, d, scale, scale * _LOG2E, *wargs,
+        hkv, sq, sk, d, scale, scale * _LOG2E, *wargs, *dargs,
         BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, **common)
     kernels.dq[(_cdiv(sq, cfg.dq_m), b * h)](
         q, k, v, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
         *_strides(dout), *_strides(lse), *_strides(dq),
-        h, sq, sk, d, scale, scale * _LOG2E, *wargs,
+        h, sq, sk, d, scale, scale * _LOG2E, *wargs, *dargs,
         BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **common)
     return dq, dk, dv
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import ScheduleError
 from ..ir.segment import SegmentCost, SegmentSpec
+from ..sim.costs import attention_fraction
 
 
 @dataclass(frozen=True)
@@ -127,15 +128,16 @@ def layerwise_placement(num_layers: int, num_stages: int, num_microbatches: int,
 
 def stage_loads(placement: Placement, costs: Sequence[SegmentCost], *, micro_batch_size: int,
                 seq_len: int, exclude: Sequence[int] = ()) -> list[float]:
-    """Forward + backward FLOPs per stage over the whole iteration (attention counted with its
-    causal factor), leaving out the segments in ``exclude``."""
+    """Forward + backward FLOPs per stage over the whole iteration (attention counted with the
+    fraction its kernels compute, ``sim.costs.attention_fraction``: causal, windowed, packed
+    documents), leaving out the segments in ``exclude``."""
     loads = [0.0] * placement.num_stages
     nums = [c.at(micro_batch_size, seq_len) for c in costs]
     for c, row in enumerate(placement.table):
         if c in exclude:
             continue
         n = nums[c]
-        cf = float(costs[c].attention_causal_factor)
+        cf = attention_fraction(costs[c], micro_batch_size=micro_batch_size, seq_len=seq_len)
         work = (n["flops_fwd"] + n["flops_bwd"]
                 - (1 - cf) * (n["attention_flops_fwd"] + n["attention_flops_bwd"]))
         for m in range(placement.num_microbatches):

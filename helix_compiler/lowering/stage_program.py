@@ -81,7 +81,8 @@ def lower_program(program) -> tuple[StageProgram, ...]:
             preview_loss=any(i.op == "F" and i.seg == head for i in prog.instrs[split:]),
             num_microbatches=cfg.num_microbatches, micro_batch_size=cfg.micro_batch_size,
             seq_len=cfg.seq_len, input_names=tuple(program.captured.input_names),
-            vocab_size=vocab, ignore_index=ignore_index, fingerprint=fingerprint))
+            vocab_size=vocab, ignore_index=ignore_index, fingerprint=fingerprint,
+            token_count=program.token_count, **_document_inputs(program)))
     return tuple(out)
 
 
@@ -211,6 +212,15 @@ def _token_ranges(program) -> tuple[int | None, int]:
                 k = names.index("ignore_index")
                 ignore = int(n.args[k]) if k < len(n.args) else int(n.kwargs.get("ignore_index", ignore))
     return vocab, ignore
+
+
+def _document_inputs(program) -> dict[str, tuple[str, ...]]:
+    """The user inputs the attention's document ids come from, by role (see
+    ``helix::document_ids(position_ids, segment_ids, attention_mask)``)."""
+    docs = [n for n in program.captured.gm.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.helix.document_ids.default]
+    names = lambda k: tuple(sorted({n.args[k].name for n in docs if n.args[k] is not None}))  # noqa: E731
+    return {"document_inputs": names(1), "padding_inputs": names(2)}
 
 
 def _depends_on(node, source) -> bool:

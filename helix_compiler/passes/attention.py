@@ -1,4 +1,4 @@
-"""Pass: canonicalize every attention into ``helix::attention(q, k, v, *, causal, scale[, window])``.
+"""Pass: canonicalize every attention into ``helix::attention(q, k, v[, doc_ids], *, causal, scale[, window])``.
 
 Recognized forms:
 * ``aten.scaled_dot_product_attention`` with no mask, ``is_causal=True``, or a materialized
@@ -26,6 +26,17 @@ too large to probe past (``> MAX_PROBE_SEQ``: the n x n mask at that size is the
 rejected with its value, not assumed away; shape-only constants (a buffer's size, a slice
 bound) beyond it are skipped, as the model cannot run past them.
 
+Document masks: a mask computed from the batch's metadata inputs (``position_ids``,
+``attention_mask``, per-token document ids; never from the token ids or labels) is first
+probed with one unpadded document per row (giving the band ``L`` as above), then evaluated on
+random packed and right-padded probe batches: every real query row must keep exactly the keys
+of its own document within the band (Hugging Face's packed path: documents where
+``position_ids`` do not continue by +1; padding: a trailing document no real token sees). It
+then becomes ``helix::attention(q, k, v, doc_ids)`` with ``doc_ids =
+helix::document_ids(position_ids, segment_ids, attention_mask)``, one node per rule, which
+the segments recompute from the inputs; the s x s mask subgraph is dead. What the probes
+assume of the run-time inputs (right padding, one run per document id) the runtime checks.
+
 Rejected with a named error: attention logit soft-capping (``tanh(scores / c) * c``, Gemma2's
 ``attn_logit_softcapping``) and ALiBi (a per-head bias linear in the key position, Bloom,
 Falcon ``alibi=True``), and any other additive bias that is not a 0 / -inf mask.
@@ -43,10 +54,16 @@ from ..errors import UnsupportedModelError
 from ..ir import meta
 from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from . import PassResult
-from .data_independence import find_data_independent
+from .data_independence import (
+    METADATA_ONLY,
+    TOKEN_INPUTS,
+    find_batch_derived,
+    find_data_independent,
+)
 
 aten = torch.ops.aten
 HELIX_ATTENTION = torch.ops.helix.attention.default
+DOCUMENT_IDS = torch.ops.helix.document_ids.default
 
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
@@ -119,13 +136,19 @@ class _MaskProbe:
 
     def __init__(self, gm: fx.GraphModule, independent: set[fx.Node]):
         self.gm, self.independent = gm, independent
-        self._cache: dict[tuple[fx.Node, str], tuple[int | None, str]] = {}
+        self.derived = find_batch_derived(gm, independent)  # masks built from position_ids & co.
+        self.maskish = independent | self.derived  # what a mask may be computed from
+        self._cache: dict[tuple[fx.Node, str], tuple[int | None, str, dict | None]] = {}
         ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
         b, s = (d.node.expr for d in ph[0].meta["val"].shape)
         self.b_sym, self.s_sym = b, s
 
-    def evaluate(self, mask: fx.Node, seq: int) -> torch.Tensor:
-        env = {self.b_sym: 1, self.s_sym: seq}
+    def evaluate(self, mask: fx.Node, seq: int, values: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The mask at batch 1 (or the batch of ``values``) and sequence ``seq``; placeholders
+        named in ``values`` take those tensors, the others zeros."""
+        values = values or {}
+        batch = next(iter(values.values())).shape[0] if values else 1
+        env = {self.b_sym: batch, self.s_sym: seq}
         g = fx.Graph()
         remap: dict[fx.Node, fx.Node] = {}
         inputs: list[torch.Tensor] = []
@@ -133,7 +156,7 @@ class _MaskProbe:
             if n.op == "placeholder":
                 val = n.meta["val"]
                 shape = [int(d.node.expr.xreplace(env)) if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
-                inputs.append(torch.zeros(shape, dtype=val.dtype))
+                inputs.append(values[n.name].to(val.dtype) if n.name in values else torch.zeros(shape, dtype=val.dtype))
                 remap[n] = g.placeholder(n.name)
             else:
                 kwargs = {k: (torch.device("cpu") if k == "device" else v) for k, v in n.kwargs.items()}
@@ -205,9 +228,12 @@ class _MaskProbe:
                 sizes.add(2 * c + 1)
         return sorted(sizes)
 
-    def band(self, mask: fx.Node, kind: str, node: fx.Node) -> tuple[int | None, str]:
-        """Left window of a causal band mask: ``(None, "")`` for plain causal at every probe,
-        ``(L, "")`` for the band ``i - L <= j <= i``, ``(-2, why)`` when it is neither.
+    def band(self, mask: fx.Node, kind: str, node: fx.Node) -> tuple[int | None, str, dict | None]:
+        """``(left, why, documents)``: the left window of a causal band mask (``None`` for plain
+        causal at every probe, ``L`` for the band ``i - L <= j <= i``), ``why`` non-empty when
+        it is neither, and for a mask built from the batch's metadata inputs the document rule
+        (``{"position_ids": name, "segment_ids": name, "attention_mask": name}``, None each
+        when unused) under which it is that band within each document.
 
         kind: 'keep' (True = attend), 'drop' (True = masked out), 'additive' (0 / very negative,
         or a bool keep-mask as SDPA reads one)."""
@@ -216,42 +242,163 @@ class _MaskProbe:
             self._cache[key] = self._band(mask, kind, node)
         return self._cache[key]
 
-    def _band(self, mask: fx.Node, kind: str, node: fx.Node) -> tuple[int | None, str]:
-        if mask not in self.independent:
-            return -2, "the mask depends on input data or is not causal"  # wording kept: tests/users match it
+    def _keep(self, m: torch.Tensor, kind: str, seq: int, node: fx.Node, mask: fx.Node) -> torch.Tensor | str:
+        """The bool keep-mask ``[batch * heads, seq, seq]`` of an evaluated mask, or why not."""
+        if m.dim() < 2 or tuple(m.shape[-2:]) != (seq, seq):
+            return f"the mask has shape {tuple(m.shape)} at seq {seq}, not [.., {seq}, {seq}]"
+        if kind in ("keep", "drop") and m.dtype != torch.bool:
+            return f"a {m.dtype} mask where a bool mask is used"
+        if m.dtype == torch.bool:
+            keep = m if kind != "drop" else ~m
+        else:
+            finite_bias = (m > _MASKED) & (m != 0)
+            if bool(finite_bias.any()):
+                _reject_bias(node, mask, m, seq)
+            keep = m == 0
+        return keep
+
+    def _band(self, mask: fx.Node, kind: str, node: fx.Node) -> tuple[int | None, str, dict | None]:
+        if mask not in self.maskish:
+            return -2, "the mask depends on input data or is not causal", None  # wording kept: tests/users match it
+        documents = None
+        if mask in self.derived:
+            documents, why = self._document_rule(mask)
+            if why:
+                return -2, why, None
         left: int | None = None  # smallest size at which the band is visible gives L
         for seq in self.probe_sizes(mask, node):
-            m = self.evaluate(mask, seq)
-            if m.dim() < 2 or tuple(m.shape[-2:]) != (seq, seq):
-                return -2, f"the mask has shape {tuple(m.shape)} at seq {seq}, not [.., {seq}, {seq}]"
-            if kind in ("keep", "drop") and m.dtype != torch.bool:
-                return -2, f"a {m.dtype} mask where a bool mask is used"
-            if m.dtype == torch.bool:
-                keep = m if kind != "drop" else ~m
-            else:
-                finite_bias = (m > _MASKED) & (m != 0)
-                if bool(finite_bias.any()):
-                    _reject_bias(node, mask, m, seq)
-                keep = m == 0
+            keep = self._keep(self.evaluate(mask, seq, _one_document(documents, seq)), kind, seq, node, mask)
+            if isinstance(keep, str):
+                return -2, keep, None
             keep = keep.reshape(-1, seq, seq)
             if not bool((keep == keep[:1]).all()):
-                return -2, f"the mask differs between batch entries or heads at seq {seq}"
+                return -2, f"the mask differs between batch entries or heads at seq {seq}", None
             keep = keep[0]
             seen = int(keep[-1].sum()) - 1  # the last row keeps min(seq - 1, L) + 1 keys
             if seen < 0:
-                return -2, f"at seq {seq} the last query row sees no key"
+                return -2, f"at seq {seq} the last query row sees no key", None
             band = _band_mask(seq, seq - 1 if seen >= seq - 1 else seen)
             if not bool((keep == band).all()):
                 bad = (keep != band).nonzero()[0].tolist()
                 return -2, (f"at seq {seq} it is not a causal band (query {bad[0]}, key {bad[1]} "
-                            f"is {'kept' if keep[bad[0], bad[1]] else 'masked'})")
+                            f"is {'kept' if keep[bad[0], bad[1]] else 'masked'})"), None
             if seen < seq - 1:  # band visible at this size
                 if left is not None and left != seen:
-                    return -2, f"its window changes with the sequence length ({left} vs {seen} at seq {seq})"
+                    return -2, f"its window changes with the sequence length ({left} vs {seen} at seq {seq})", None
                 left = seen
             elif left is not None:
-                return -2, f"its window changes with the sequence length ({left}, then causal at seq {seq})"
-        return left, ""
+                return -2, f"its window changes with the sequence length ({left}, then causal at seq {seq})", None
+        if documents is not None:
+            why = self._check_documents(mask, kind, node, documents, left)
+            if why:
+                return -2, why, None
+        return left, "", documents
+
+    def _document_rule(self, mask: fx.Node) -> tuple[dict | None, str]:
+        """Which metadata inputs a batch-dependent mask reads, by their (Hugging Face) names:
+        ``position_ids`` (packed documents restart their positions), ``attention_mask``
+        (padding), any other one per-token document ids."""
+        names = _value_inputs(mask)
+        tokens = [n for n in names if n in TOKEN_INPUTS]
+        if tokens:
+            return None, f"the mask depends on {tokens[0]}: masks may depend on metadata inputs only"
+        rule = {"position_ids": None, "segment_ids": None, "attention_mask": None}
+        for name in names:
+            role = name if name in ("position_ids", "attention_mask") else "segment_ids"
+            if rule[role] is not None:
+                return None, f"the mask reads two per-token document-id inputs ({rule[role]}, {name})"
+            rule[role] = name
+        return rule, ""
+
+    def _check_documents(self, mask: fx.Node, kind: str, node: fx.Node, documents: dict,
+                         left: int | None) -> str:
+        """Evaluate the mask on random packed / padded probe batches: every real query row must
+        keep exactly the keys of its own document within the causal band (padding rows, whose
+        labels must be ignored, are not compared)."""
+        gen = torch.Generator().manual_seed(0)
+        for seq in (5, 9, 33, 67):
+            for trial in range(3):
+                values, doc, valid = _probe_batch(documents, seq, gen, trial)
+                keep = self._keep(self.evaluate(mask, seq, values), kind, seq, node, mask)
+                if isinstance(keep, str):
+                    return keep
+                batch = doc.shape[0]
+                keep = keep.reshape(batch, -1, seq, seq)
+                band = _band_mask(seq, seq - 1 if left is None else left)
+                want = band[None] & (doc[:, :, None] == doc[:, None, :]) & valid[:, None, :]
+                rows = valid[:, None, :, None].expand_as(keep)
+                bad = (keep != want[:, None]) & rows
+                if bool(bad.any()):
+                    b, _, i, j = bad.nonzero()[0].tolist()
+                    inputs = {k: v[b].tolist() for k, v in values.items()}
+                    return (f"it is not a causal mask within documents: with {inputs} query {i} "
+                            f"{'keeps' if keep[b, 0, i, j] else 'masks'} key {j}")
+        return ""
+
+def _value_inputs(node: fx.Node) -> list[str]:
+    """Names of the placeholders whose values (not only sizes) ``node`` is computed from."""
+    seen: set[fx.Node] = set()
+    stack, names = [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            names.append(n.name)
+        elif not (n.op == "call_function" and n.target in METADATA_ONLY):
+            stack.extend(n.all_input_nodes)
+    return sorted(names)
+
+
+def _one_document(documents: dict | None, seq: int) -> dict[str, torch.Tensor]:
+    """Metadata inputs of one unpadded document of ``seq`` tokens (batch 1)."""
+    if documents is None:
+        return {}
+    values = {}
+    if documents["position_ids"]:
+        values[documents["position_ids"]] = torch.arange(seq)[None]
+    if documents["segment_ids"]:
+        values[documents["segment_ids"]] = torch.zeros(1, seq, dtype=torch.long)
+    if documents["attention_mask"]:
+        values[documents["attention_mask"]] = torch.ones(1, seq, dtype=torch.long)
+    return values
+
+
+def _probe_batch(documents: dict, seq: int, gen: torch.Generator, trial: int):
+    """Two rows of random packed documents (and right padding when the mask reads an
+    attention_mask): ``(inputs by name, document index per token, real-token flags)``."""
+    rows_pos, rows_seg, rows_am, rows_doc, rows_valid = [], [], [], [], []
+    for _ in range(2):
+        pad = int(torch.randint(0, max(1, seq // 3), (), generator=gen)) if documents["attention_mask"] else 0
+        real = seq - pad
+        packed = documents["position_ids"] or documents["segment_ids"]
+        n_cuts = min(real - 1, 1 + trial) if packed else 0
+        cuts = sorted(torch.randperm(real - 1, generator=gen)[:n_cuts].add(1).tolist()) if n_cuts > 0 else []
+        bounds = [0, *cuts, real]
+        doc = torch.zeros(seq, dtype=torch.long)
+        pos = torch.zeros(seq, dtype=torch.long)
+        seg = torch.zeros(seq, dtype=torch.long)
+        for d, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            doc[a:b] = d
+            pos[a:b] = torch.arange(b - a) + (3 * trial if d == 0 else 0)  # a first document may continue
+            seg[a:b] = 5 * d + trial
+        doc[real:] = len(bounds) - 1  # padding: no real token may see it
+        pos[real:] = torch.arange(pad) + real
+        seg[real:] = seg[real - 1] if real else 0
+        rows_pos.append(pos)
+        rows_seg.append(seg)
+        rows_am.append((torch.arange(seq) < real).long())
+        rows_doc.append(doc)
+        rows_valid.append(torch.arange(seq) < real)
+    values = {}
+    if documents["position_ids"]:
+        values[documents["position_ids"]] = torch.stack(rows_pos)
+    if documents["segment_ids"]:
+        values[documents["segment_ids"]] = torch.stack(rows_seg)
+    if documents["attention_mask"]:
+        values[documents["attention_mask"]] = torch.stack(rows_am)
+    return values, torch.stack(rows_doc), torch.stack(rows_valid)
 
 
 def _band_mask(seq: int, left: int) -> torch.Tensor:
@@ -304,16 +451,16 @@ def _match_sdpa(node: fx.Node, probe: _MaskProbe):
                                     f"attention dropout probability to 0")
     causal = bool(a.get("is_causal", False))
     mask = a.get("attn_mask")
-    left = None
+    left = documents = None
     if mask is not None:
         if causal:
             _reject_mask(node, "both attn_mask and is_causal are set")
-        left, why = probe.band(mask, "additive", node)
+        left, why, documents = probe.band(mask, "additive", node)
         if why:
             _reject_mask(node, why)
         causal = True
     q, k, v = a["query"], a["key"], a["value"]
-    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, a.get("scale"), left, [node]
+    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, a.get("scale"), left, documents, [node]
 
 
 def _scalar(x) -> float | None:
@@ -402,7 +549,7 @@ def _match_explicit(softmax: fx.Node, probe: _MaskProbe):
     # backward: softmax input -> casts -> mask -> scale -> matmul(q, k^T)
     x = _peel(softmax.args[0])
     causal = False
-    left = None
+    left = documents = None
     scale = 1.0
     mask = kind = None
     if x.target == aten.masked_fill.Scalar:
@@ -418,10 +565,10 @@ def _match_explicit(softmax: fx.Node, probe: _MaskProbe):
     elif x.target == aten.add.Tensor:
         a0, a1 = x.args
         where = x
-        mask, x = (a1, a0) if a1 in probe.independent else (a0, a1)
+        mask, x = (a1, a0) if a1 in probe.maskish else (a0, a1)
         kind, x = "additive", _peel(x)
     if mask is not None:
-        left, why = probe.band(mask, kind, where)
+        left, why, documents = probe.band(mask, kind, where)
         if why:
             _reject_mask(where, why)
         causal = True
@@ -443,7 +590,21 @@ def _match_explicit(softmax: fx.Node, probe: _MaskProbe):
         q = _peel(q.args[0])
     if len(_shape(q)) != 4:
         return None
-    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, scale, left, [pv]
+    return q, _peel_repeat_kv(k), _peel_repeat_kv(v), causal, scale, left, documents, [pv]
+
+
+def _document_ids(graph: fx.Graph, documents: dict, cache: dict[tuple, fx.Node]) -> fx.Node:
+    """The ``helix::document_ids(position_ids, segment_ids, attention_mask)`` node of this rule,
+    right after the placeholders (made once per rule)."""
+    key = tuple(documents[k] for k in ("position_ids", "segment_ids", "attention_mask"))
+    if key not in cache:
+        phs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        with graph.inserting_after(list(phs.values())[-1]):
+            node = graph.call_function(DOCUMENT_IDS, tuple(phs[k] if k else None for k in key))
+        src = phs[next(k for k in key if k)].meta["val"]
+        node.meta["val"] = src.new_empty(src.shape, dtype=torch.int32)
+        cache[key] = node
+    return cache[key]
 
 
 def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
@@ -452,6 +613,7 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
     probe = _MaskProbe(gm, independent)
     graph = gm.graph
     count = 0
+    doc_nodes: dict[tuple, fx.Node] = {}  # one helix::document_ids per distinct rule
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -464,19 +626,23 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
                 continue
         else:
             continue
-        q, k, v, causal, scale, left, (result,) = match
+        q, k, v, causal, scale, left, documents, (result,) = match
         if scale is None:
             scale = 1.0 / math.sqrt(_shape(q)[-1])
         kwargs = {"causal": causal, "scale": float(scale)}
         window = None if left is None else (int(left), 0)
         if window is not None:  # only windowed calls carry it: the op's default is no window
             kwargs["window"] = list(window)
+        args = (q, k, v)
+        if documents is not None:
+            args = (q, k, v, _document_ids(graph, documents, doc_nodes))
         with graph.inserting_before(result):
-            op = graph.call_function(HELIX_ATTENTION, (q, k, v), kwargs)
+            op = graph.call_function(HELIX_ATTENTION, args, kwargs)
             out = graph.call_function(operator.getitem, (op, 0))
         op.meta.update(nn_module_stack=result.meta.get("nn_module_stack", {}), stack_trace=result.meta.get("stack_trace"))
         op.meta[meta.ATTENTION_CAUSAL] = causal
         op.meta[meta.ATTENTION_WINDOW] = window
+        op.meta[meta.ATTENTION_DOCUMENTS] = documents
         qv, vv = q.meta["val"], v.meta["val"]
         lse_dtype = torch.float32 if qv.dtype in (torch.float16, torch.bfloat16) else qv.dtype
         op.meta["val"] = (qv.new_empty((*qv.shape[:3], vv.shape[-1])), qv.new_empty(qv.shape[:3], dtype=lse_dtype))

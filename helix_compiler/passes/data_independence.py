@@ -44,3 +44,32 @@ def find_data_independent(gm: fx.GraphModule) -> set[fx.Node]:
         if all(arg in independent for arg in node.all_input_nodes):
             independent.add(node)
     return independent
+
+
+TOKEN_INPUTS = ("input_ids", "labels")  # the per-token data; every other user input is batch metadata
+
+
+def find_batch_derived(gm: fx.GraphModule, independent: set[fx.Node] | None = None) -> set[fx.Node]:
+    """Nodes computed from shapes, buffers, constants and the *metadata* inputs only
+    (``position_ids``, ``attention_mask``, document ids: any user input but the token ids and
+    labels). Every rank is handed the whole batch, so these are as cheap to recompute on each
+    stage as the shape-only ones (RoPE tables from ``position_ids``, document ids), and masks
+    among them can be evaluated on probe batches."""
+    if independent is None:
+        independent = find_data_independent(gm)
+    derived: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name not in TOKEN_INPUTS and node is not _first_placeholder(gm):
+                derived.add(node)
+            continue
+        if node.op != "call_function" or node in independent:
+            continue
+        inputs = node.all_input_nodes
+        if any(a in derived for a in inputs) and all(a in derived or a in independent for a in inputs):
+            derived.add(node)
+    return {n for n in derived if n.op != "placeholder"}
+
+
+def _first_placeholder(gm: fx.GraphModule) -> fx.Node | None:
+    return next((n for n in gm.graph.nodes if n.op == "placeholder"), None)

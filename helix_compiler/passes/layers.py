@@ -4,7 +4,8 @@ Layers are the children of the ModuleList that holds the attentions (found from
 ``nn_module_stack``). Roles (``node.meta[meta.ROLE]``): ``embed`` (before layer 1),
 ``pre`` / ``attn`` / ``post`` of layer l (``pre`` = the layer's ancestors of its attention),
 ``final`` (after the last layer, up to the head's activation input, e.g. the final norm),
-``head`` (logits and loss). Shape-only nodes (position ids, RoPE tables) get
+``head`` (logits and loss). Nodes computed from shapes and the batch's metadata inputs only
+(position ids, RoPE tables, document ids; ``find_batch_derived``) get
 ``node.meta[meta.REMAT] = True`` and are recomputed wherever they are used.
 """
 
@@ -20,7 +21,7 @@ from ..errors import UnsupportedModelError
 from ..ir import meta
 from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from . import PassResult
-from .data_independence import find_data_independent, parameter_names
+from .data_independence import find_batch_derived, find_data_independent, parameter_names
 
 aten = torch.ops.aten
 HELIX_ATTENTION = torch.ops.helix.attention.default
@@ -86,6 +87,7 @@ def tag_layers(gm: fx.GraphModule) -> tuple[PassResult, LayerInfo]:
     _, layer_fqns = _layer_container(attentions)
     layer_of_fqn = {fqn: i + 1 for i, fqn in enumerate(layer_fqns)}
     independent = find_data_independent(gm)
+    independent |= find_batch_derived(gm, independent)
     params = parameter_names(gm)
 
     def layer_of(node: fx.Node) -> int | None:

@@ -99,6 +99,7 @@ class Executor:
         self.state = RankState()
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.grad_scale = 1.0
+        self.loss_divisor = float(program.num_microbatches)  # the step's loss = sum of head outputs / this
         self.training = True
         self.forward_only = False
         # Receives are posted up to `recv_lookahead` RECVs ahead of the one being waited for, in
@@ -115,13 +116,17 @@ class Executor:
 
     # -------------------------------------------------------------------------------- driving
     def begin(self, inputs: list[dict[str, torch.Tensor]], *, forward_only: bool = False,
-              grad_scale: float = 1.0) -> None:
-        """Start a step over ``inputs`` (one dict of user inputs per micro batch)."""
+              grad_scale: float = 1.0, loss_divisor: float | None = None) -> None:
+        """Start a step over ``inputs`` (one dict of user inputs per micro batch). The step's
+        loss is the sum of the head's outputs over the micro batches divided by
+        ``loss_divisor`` (default: the number of micro batches, a mean of means; the step's
+        counted tokens when the head returns token sums)."""
         self.state.clear()
         self.trace.clear()
         self.preview_times.clear()
         self.inputs = inputs
         self.grad_scale = grad_scale
+        self.loss_divisor = float(self.program.num_microbatches if loss_divisor is None else loss_divisor)
         self.forward_only = forward_only
         self._instrs = self.program.forward_only if forward_only else self.program.instrs
         self._recv_at = [k for k, i in enumerate(self._instrs) if i.op == "RECV"]
@@ -221,7 +226,7 @@ class Executor:
     def _backward(self, i: Instr) -> None:
         st = self.state.stash.pop((i.seg, i.mb))
         if i.seg == self.program.head:
-            grads = [torch.full_like(st.outputs[0], self.grad_scale / self.program.num_microbatches)]
+            grads = [torch.full_like(st.outputs[0], self.grad_scale / self.loss_divisor)]
         else:
             grads = self.state.bwd.pop((i.seg, i.mb))
         outs = [o for o in st.outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]

@@ -1,7 +1,12 @@
 """``HelixPipeline``: one rank's :class:`StageProgram` as an ``nn.Module``.
 
-``loss = pipe(input_ids, labels)`` runs the forward half of this rank's program over all
-micro batches and returns the mean micro-batch loss (the same value on every rank);
+``loss = pipe(input_ids, labels, **inputs)`` runs the forward half of this rank's program over
+all micro batches and returns the step's loss (the same value on every rank): the mean over
+the step's counted tokens when the program was compiled with ``loss_reduction="tokens"`` (what
+the single-process model computes on the whole batch), else the mean of the micro batches'
+losses. ``inputs`` are the extra per-token inputs the program was compiled with
+(``position_ids``, ``attention_mask``, document ids); an omitted ``position_ids`` is
+0..seq-1 and an omitted ``attention_mask`` all ones, as in Hugging Face models;
 ``loss.backward()`` runs the backward half (first in, last out). Schedules that interleave
 forward and backward (1F1B) run the whole step in ``forward`` and ``backward`` only returns.
 Under ``torch.no_grad()`` a call runs the forward-only program: nothing is stashed, no
@@ -21,6 +26,7 @@ import torch
 from ..errors import HelixError, RuntimeFailure
 from ..ir.schedule import Schedule
 from ..ir.stage_program import StageProgram
+from .batch_checks import DEFAULT_INPUTS, check_documents
 from .executor import Executor, InstrHook
 from .fingerprint import agree, tensor_hash
 
@@ -97,7 +103,9 @@ class HelixPipeline(torch.nn.Module):
         given = dict(zip(names, args, strict=False))
         for k, v in kwargs.items():
             if k not in names:
-                raise HelixError(f"pipe() got an unexpected input {k!r}; the program takes {list(names)}")
+                fix = (f"; compile with inputs=({k!r},) to pass it to the model" if k not in ("input_ids", "labels")
+                       else "")
+                raise HelixError(f"pipe() got an unexpected input {k!r}; the program takes {list(names)}{fix}")
             if k in given:
                 raise HelixError(f"pipe() got input {k!r} twice (positional and keyword)")
             given[k] = v
@@ -105,6 +113,8 @@ class HelixPipeline(torch.nn.Module):
         out = []
         for name in names:
             t = given.get(name)
+            if t is None and name in DEFAULT_INPUTS and isinstance(given.get("input_ids"), torch.Tensor):
+                t = DEFAULT_INPUTS[name](given["input_ids"])
             if t is None:
                 fix = (" The pipeline trains on the loss the model computes from labels: pass labels "
                        "(for next-token prediction, labels=input_ids as Hugging Face models shift them "
@@ -112,9 +122,12 @@ class HelixPipeline(torch.nn.Module):
                 raise HelixError(f"rank {self.rank}: {name} is missing (None).{fix}")
             if not isinstance(t, torch.Tensor):
                 raise HelixError(f"rank {self.rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise HelixError(f"rank {self.rank}: {name} has dtype {t.dtype}; token ids and labels must be "
-                                 f"an integer dtype (torch.long): pass {name}.long() if the values are integral")
+            integral = name in ("input_ids", "labels", "position_ids") or name in st.document_inputs
+            if integral and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool) or (
+                    name == "attention_mask" and (t.is_floating_point() or t.is_complex())):
+                raise HelixError(f"rank {self.rank}: {name} has dtype {t.dtype}; token ids, labels, positions, "
+                                 f"document ids and masks must be an integer dtype (torch.long): pass "
+                                 f"{name}.long() if the values are integral")
             device = getattr(self.transport, "device", None)
             if device is not None and t.device != torch.device(device):
                 raise HelixError(f"rank {self.rank}: {name} is on {t.device} but this rank computes on {device}; "
@@ -125,7 +138,9 @@ class HelixPipeline(torch.nn.Module):
                     f"{want} (num_microbatches={st.num_microbatches} x micro_batch_size={st.micro_batch_size}, "
                     f"seq_len={st.seq_len}); recompile or reshape the batch")
             out.append(t)
-        self._check_ranges(dict(zip(names, out, strict=True)))
+        batch = dict(zip(names, out, strict=True))
+        self._check_ranges(batch)
+        check_documents(batch, st, self.rank)
         return out
 
     def _check_ranges(self, batch: dict[str, torch.Tensor]) -> None:
@@ -146,11 +161,31 @@ class HelixPipeline(torch.nn.Module):
                 raise HelixError(f"rank {self.rank}: labels hold {v}, outside [0, {vocab}) and not the loss's "
                                  f"ignore_index {ignore}; fix the labels or mask them with {ignore}")
 
-    def _agree_on_batch(self, batch: list[torch.Tensor]) -> None:
-        h = tuple(tensor_hash(t) for t in batch)
-        agree(self.transport, h, what="the batch (hash of " + ", ".join(self.stage.input_names) + ")",
-                             fix="every rank must call pipe() with the same batch; pass check_batch=False "
-                                 "to helix_compile to skip this check")
+    def _agree_on_batch(self, batch: list[torch.Tensor], tokens: int | None) -> None:
+        """One collective: the ranks hold the same batch (``check_batch``) and count the same
+        number of loss tokens (always, when the loss is a token mean)."""
+        h = tuple(tensor_hash(t) for t in batch) if self.check_batch else ()
+        what = ("the batch (hash of " + ", ".join(self.stage.input_names) + ")") if self.check_batch else ""
+        if tokens is not None:
+            h += (tokens,)
+            what += (" and " if what else "") + "the step's counted loss tokens"
+        if h:
+            agree(self.transport, h, what=what,
+                  fix="every rank must call pipe() with the same batch; pass check_batch=False to helix_compile "
+                      "to skip the batch hash")
+
+    def _count_tokens(self, inputs: list[dict[str, torch.Tensor]]) -> int | None:
+        """The step's counted loss tokens (labels the loss does not ignore), or None when the
+        step's loss is the mean of the micro batches' losses."""
+        count = self.stage.token_count
+        if count is None:
+            return None
+        total = int(sum(int(count(mb)) for mb in inputs))
+        if total == 0:
+            raise HelixError(f"rank {self.rank}: no label of this batch is counted by the loss (every label is "
+                             f"the ignore_index {count.ignore_index}), so the token-mean loss is 0/0; skip the "
+                             f"batch or unmask some labels")
+        return total
 
     def _usable(self) -> None:
         if self._broken is not None:
@@ -169,11 +204,12 @@ class HelixPipeline(torch.nn.Module):
         inputs = [dict(zip(st.input_names, parts, strict=True))
                   for parts in zip(*(t.split(st.micro_batch_size) for t in batch), strict=True)]
         evaluating = not torch.is_grad_enabled()
-        if self.check_batch:  # every rank raises together, before any message: nothing to break
-            self._agree_on_batch(batch)
+        tokens = self._count_tokens(inputs)
+        # every rank raises together, before any message: nothing to break
+        self._agree_on_batch(batch, tokens)
         try:
             ex = self.executor
-            ex.begin(inputs, forward_only=evaluating)
+            ex.begin(inputs, forward_only=evaluating, loss_divisor=tokens)
             self._steps += 1
             if evaluating:
                 ex.run(0, ex.num_instrs)
@@ -207,7 +243,11 @@ class HelixPipeline(torch.nn.Module):
             if len(losses) != st.num_microbatches:
                 raise RuntimeFailure(f"rank {self.rank}: loss known for {len(losses)} of {st.num_microbatches} "
                                      f"micro batches", rank=self.rank)
-            value = torch.stack([losses[m] for m in sorted(losses)]).mean().to(torch.float64)
+            stacked = torch.stack([losses[m] for m in sorted(losses)])
+            if st.token_count is None:
+                value = stacked.mean().to(torch.float64)
+            else:  # token sums over the step's counted tokens
+                value = stacked.to(torch.float64).sum() / self.executor.loss_divisor
         else:
             value = torch.zeros((), dtype=torch.float64)
         self.transport.broadcast_(value, src=self.head_rank, what=f"loss broadcast after step {self._steps}")

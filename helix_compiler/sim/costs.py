@@ -4,8 +4,10 @@ and synthetic chains for tests.
 Durations of one segment for one micro batch on a device (``dtype`` picks the peak):
 
 * matmul part = FLOPs - attention FLOPs, at ``peak * matmul_fraction``;
-* attention part = attention FLOPs * ``attention_causal_factor`` (a causal kernel skips the
-  masked half), at ``peak * attention_fraction``;
+* attention part = attention FLOPs * :func:`attention_fraction` (the fraction of the dense
+  scores the kernel computes: ``extra["attention_computed_fraction"]`` at the run's sizes for
+  windowed attention and packed documents, else ``attention_causal_factor``, a causal
+  kernel skipping the masked half), at ``peak * attention_fraction``;
 * optional memory-bound part: ``extra["mem_bytes_fwd"]`` / ``extra["mem_bytes_bwd"]`` bytes at
   the HBM bandwidth, when the cost model provides them.
 
@@ -20,6 +22,7 @@ until then. Messages carry ``out_bytes`` (the gradient of a boundary has its siz
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +66,28 @@ class OpTimes:
         return OpTimes(**base)
 
 
+@functools.lru_cache(maxsize=1024)
+def _fraction_at(expr: sympy.Expr, b: int, s: int) -> float:
+    return float(expr.subs({B: b, S: s}))
+
+
+def attention_fraction(cost: SegmentCost, *, micro_batch_size: int, seq_len: int) -> float:
+    """The fraction of ``cost``'s dense attention FLOPs (``attention_flops_fwd`` / ``_bwd``)
+    its kernels compute at these sizes: ``extra["attention_computed_fraction"]`` evaluated at
+    ``B = micro_batch_size``, ``S = seq_len`` when the cost model gives it (a sliding window,
+    packed documents), else ``attention_causal_factor``. The one rule every reader of the
+    attention part (simulator durations, placement loads) goes through."""
+    frac = cost.extra.get("attention_computed_fraction")
+    if frac is None:
+        return float(cost.attention_causal_factor)
+    frac = sympy.sympify(frac)
+    if frac.is_Number:
+        return float(frac)
+    if not frac.free_symbols <= {B, S}:
+        raise HelixError(f"extra['attention_computed_fraction'] = {frac} has symbols other than B and S")
+    return _fraction_at(frac, int(micro_batch_size), int(seq_len))
+
+
 def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_size: int,
              seq_len: int, dtype: str = "bf16", recompute: str = "none",
              specs: Sequence[SegmentSpec] | None = None) -> OpTimes:
@@ -89,7 +114,7 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
         return memo[e]
 
     for k, c in enumerate(costs):
-        cf = float(c.attention_causal_factor)
+        cf = attention_fraction(c, micro_batch_size=micro_batch_size, seq_len=seq_len)
         a_f, a_b = num(c.attention_flops_fwd), num(c.attention_flops_bwd)
         f, b = num(c.flops_fwd), num(c.flops_bwd)
         bi, bwt = num(c.flops_bwd_input), num(c.flops_bwd_weight)

@@ -131,9 +131,13 @@ def test_gradient_parity(arch, p, F, mult, schedule, recompute, tol):
     elif variant == "accumulate":
         cfg["accumulate"] = True
     results = spawn_ranks(_worker, p, cfg, timeout=240)
+    # Hugging Face models compute their loss in float32 (logits.float()) and default to the
+    # token mean (sums over the step's tokens), so the float64 run's loss agrees to float32
+    # rounding; its gradients, in float64, are held to tol above
+    rel = max(tol["rtol"], 1e-6) if arch in ("gpt2", "hf_llama") else tol["rtol"]
     for r in results:
         for pipe_loss, ref_loss in r["losses"]:
-            assert pipe_loss == pytest.approx(ref_loss, rel=tol["rtol"], abs=tol["atol"])
+            assert pipe_loss == pytest.approx(ref_loss, rel=rel, abs=tol["atol"])
     # every parameter is owned by some rank, and all ranks agree on the loss
     owned = set().union(*(r["owned"] for r in results))
     assert owned == set(results[0]["all"])
