@@ -1,6 +1,7 @@
 """Main job: pipelined training of a small Llama-style model at a long sequence on CPU.
 
     torchrun --nproc-per-node 2 examples/train_long_context.py --out out
+    torchrun --nproc-per-node 4 examples/train_long_context.py --out out --dp 2   # pp=2 x dp=2
 
 Each rank compiles the same unmodified model with helix_compile, trains a few steps under
 the HelixPipe two-fold FILO schedule over gloo, and rank 0 checks the step-1 loss against a
@@ -45,6 +46,7 @@ def parse_args():
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--docs", type=int, default=4, help="packed documents per sequence (random lengths)")
     ap.add_argument("--no-pack", action="store_true", help="one document per sequence (no document masking)")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas (world = pp x dp)")
     return ap.parse_args()
 
 
@@ -72,24 +74,33 @@ def main() -> None:
     args = parse_args()
     info = init_from_env(num_threads=1)
     rank, world = info.rank, info.world_size
+    if world % args.dp:
+        raise SystemExit(f"--dp {args.dp} must divide the {world} processes (world = pp x dp)")
+    pp = world // args.dp
+    mesh = None
+    if args.dp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (args.dp, pp), mesh_dim_names=("dp", "pp"))
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     out = Path(args.out)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, num_layers=args.layers, hidden=args.hidden, heads=args.heads,
                       kv_heads=args.kv_heads, ffn=int(8 * args.hidden / 3))
     model = Llama(cfg)
     reference = copy.deepcopy(model) if rank == 0 else None
-    M = args.microbatches or world * args.folds
+    M = args.microbatches or pp * args.folds
     packed = not args.no_pack
     doc_len = args.seq_len // args.docs
     typical = (doc_len,) * (args.docs - 1) + (args.seq_len - doc_len * (args.docs - 1),)
-    pipe = helix_compile(model, world, args.seq_len, num_microbatches=M, num_folds=args.folds,
+    pipe = helix_compile(model, pp, args.seq_len, num_microbatches=M, num_folds=args.folds, mesh=mesh,
                          recompute=args.recompute, record_trace=True,
                          inputs=("position_ids", "document_ids") if packed else (),
                          loss_reduction="tokens", document_lengths=typical if packed else None)
     opt = torch.optim.AdamW(list(pipe.parameters()), lr=args.lr)
 
+    (out / "stage_graphs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (out / "stage_graphs").mkdir(parents=True, exist_ok=True)
         (out / "schedule.txt").write_text(str(pipe.schedule))
         (out / "program.txt").write_text(str(pipe.program))
         print(pipe.program)
@@ -102,11 +113,13 @@ def main() -> None:
     if rank == 0:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc=f"helix pp={world} s={args.seq_len}", unit="step")
+        steps = tqdm(steps, desc=f"helix pp={pp} dp={args.dp} s={args.seq_len}", unit="step")
     losses = []
     for step in steps:
-        ids, labels, extra = synthetic_batch(M, args.seq_len, args.vocab, args.docs if packed else 1, gen)
-        loss = pipe(ids, labels, **extra)
+        # the union batch of every replica; each takes its own M rows
+        ids, labels, extra = synthetic_batch(M * args.dp, args.seq_len, args.vocab, args.docs if packed else 1, gen)
+        mine = slice(dp_rank * M, (dp_rank + 1) * M)
+        loss = pipe(ids[mine], labels[mine], **{k: v[mine] for k, v in extra.items()})
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -127,7 +140,7 @@ def main() -> None:
     if rank == 0:
         measured = measured_result(pipe.schedule, [trace_from_json(t) for t in traces])
         measured.write_timeline(out / "timeline_measured.png",
-                                title=f"HelixPipe measured step 1: p={world}, M={M}, F={args.folds}, s={args.seq_len}")
+                                title=f"HelixPipe measured step 1: p={pp}, dp={args.dp}, M={M}, F={args.folds}, s={args.seq_len}")
         write_chrome_trace(measured, out / "trace_measured.json")
         pic = pipe.schedule.picture() if hasattr(pipe.schedule, "picture") else ""
         (out / "schedule_picture.txt").write_text(str(pic))

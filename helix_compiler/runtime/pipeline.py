@@ -27,6 +27,7 @@ from ..errors import HelixError, RuntimeFailure
 from ..ir.schedule import Schedule
 from ..ir.stage_program import StageProgram
 from .batch_checks import DEFAULT_INPUTS, check_documents
+from .data_parallel import GradientReducer
 from .executor import Executor, InstrHook
 from .fingerprint import agree, tensor_hash
 
@@ -45,12 +46,19 @@ class _PipelineLoss(torch.autograd.Function):
 
 class HelixPipeline(torch.nn.Module):
     def __init__(self, stages: tuple[StageProgram, ...], *, rank: int, transport, schedule: Schedule | None = None,
-                 hooks: tuple[InstrHook, ...] = (), record_trace: bool = False, check_batch: bool = True):
+                 hooks: tuple[InstrHook, ...] = (), record_trace: bool = False, check_batch: bool = True,
+                 dp_transport=None):
         super().__init__()
         self.stages, self.rank, self.transport = stages, rank, transport
         self.stage = stages[rank]
         self._schedule = schedule
         self.check_batch = check_batch
+        # data parallelism: the same pipeline rank of every replica, each on its own batch
+        self.dp_transport = dp_transport
+        self.dp_size = dp_transport.world_size if dp_transport is not None else 1
+        self.reducer = GradientReducer(self.stage, dp_transport) if self.dp_size > 1 else None
+        if self.reducer is not None:
+            hooks = (*hooks, self.reducer.hook)
         self.executor = Executor(self.stage, transport=transport, hooks=hooks, record_trace=record_trace)
         self.head_rank = self.stage.head_rank
         self._params = dict(self.stage.params)
@@ -77,6 +85,30 @@ class HelixPipeline(torch.nn.Module):
         for part in parts:
             full.update(part)
         return full
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the norm of every gradient
+        of every pipeline rank (a parameter held by several ranks counted once; dp replicas
+        hold equal reduced gradients, so they are counted once too), returned on every rank,
+        and this rank's gradients scaled by ``max_norm / (norm + 1e-6)`` when that is below 1.
+        A collective over the pipeline group: every rank must call it."""
+        norm_type = float(norm_type)
+        mine = [p.grad for n, p in self._params.items() if p.grad is not None
+                and (n not in self.stage.shared or self.rank == min(self.stage.shared[n].holders))]
+        dtype = torch.float64
+        if norm_type == float("inf"):
+            local = max((g.detach().abs().max().to(dtype) for g in mine), default=torch.zeros((), dtype=dtype))
+            total = self.transport.all_reduce_(local.reshape(1).clone(), "max", what="gradient norm (inf)")[0]
+        else:
+            local = sum((g.detach().to(dtype).abs().pow(norm_type).sum() for g in mine), torch.zeros((), dtype=dtype))
+            total = self.transport.all_reduce_(local.reshape(1).clone(), what=f"gradient norm ({norm_type:g})")[0]
+            total = total.pow(1.0 / norm_type)
+        coef = float(max_norm) / (float(total) + 1e-6)
+        if coef < 1.0:
+            for p in self._params.values():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return total
 
     def stage_graphs(self, rank: int | None = None) -> dict[str, torch.fx.GraphModule]:
         """The segment GraphModules that ``rank`` (default: this one) runs forward."""
@@ -181,6 +213,10 @@ class HelixPipeline(torch.nn.Module):
         if count is None:
             return None
         total = int(sum(int(count(mb)) for mb in inputs))
+        if self.dp_size > 1:  # the step's tokens over every replica: the loss divides by them all
+            local = torch.tensor([total], dtype=torch.int64)
+            self.dp_transport.all_reduce_(local, what=f"counted loss tokens, step {self._steps + 1}")
+            total = int(local)
         if total == 0:
             raise HelixError(f"rank {self.rank}: no label of this batch is counted by the loss (every label is "
                              f"the ignore_index {count.ignore_index}), so the token-mean loss is 0/0; skip the "
@@ -209,7 +245,10 @@ class HelixPipeline(torch.nn.Module):
         self._agree_on_batch(batch, tokens)
         try:
             ex = self.executor
-            ex.begin(inputs, forward_only=evaluating, loss_divisor=tokens)
+            divisor = tokens if tokens is not None else st.num_microbatches * self.dp_size
+            ex.begin(inputs, forward_only=evaluating, loss_divisor=divisor)
+            if self.reducer is not None and not evaluating:
+                self.reducer.begin()
             self._steps += 1
             if evaluating:
                 ex.run(0, ex.num_instrs)
@@ -244,18 +283,27 @@ class HelixPipeline(torch.nn.Module):
                 raise RuntimeFailure(f"rank {self.rank}: loss known for {len(losses)} of {st.num_microbatches} "
                                      f"micro batches", rank=self.rank)
             stacked = torch.stack([losses[m] for m in sorted(losses)])
-            if st.token_count is None:
+            if st.token_count is None and self.dp_size == 1:
                 value = stacked.mean().to(torch.float64)
-            else:  # token sums over the step's counted tokens
+            else:  # this replica's share: its sums over the whole step's divisor
                 value = stacked.to(torch.float64).sum() / self.executor.loss_divisor
         else:
             value = torch.zeros((), dtype=torch.float64)
         self.transport.broadcast_(value, src=self.head_rank, what=f"loss broadcast after step {self._steps}")
+        if self.dp_size > 1:
+            self.dp_transport.all_reduce_(value, what=f"loss sum over dp, step {self._steps}")
         return value
 
     def _backward_half(self, grad: float) -> None:
         if not self._pending_backward:
-            return  # the whole step already ran in forward (interleaved schedule)
+            # the whole step already ran in forward (interleaved schedule), seeded with 1
+            if grad != 1.0:
+                raise HelixError(f"rank {self.rank}: loss.backward() reached the pipeline with gradient {grad:g}, "
+                                 f"but schedule={self.stage.kind!r} runs its backward inside pipe(...) with "
+                                 f"gradient 1, so the scaled loss (loss / n, loss * c) cannot change it; call "
+                                 f"loss.backward() on the loss itself and scale the gradients (or the learning "
+                                 f"rate), or use schedule='helix' or 'gpipe', whose backward runs here")
+            return
         self._usable()
         ex = self.executor
         try:
@@ -269,6 +317,8 @@ class HelixPipeline(torch.nn.Module):
 
     def _break(self, e: BaseException) -> None:
         self._pending_backward = False
+        if self.reducer is not None:
+            self.reducer.abort()
         self._broken = f"step {self._steps} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         self.executor.state.clear()
 
@@ -288,6 +338,8 @@ class HelixPipeline(torch.nn.Module):
                 step = torch.zeros_like(p)
             self.transport.all_reduce_(step, what=f"gradient sum of {name}, step {self._steps}")
             p.grad = step if before is None else before + step
+        if self.reducer is not None:
+            self.reducer.finish()
 
     def check_consistent(self) -> None:
         """Once, before the first step (``helix_compile`` calls it): every rank compiled the

@@ -289,6 +289,19 @@ class RecvHandle(_Handle):
         return f"RecvHandle({self._op.describe()}, {state})"
 
 
+class CollectiveHandle:
+    """A started collective of a :class:`Transport` (``all_reduce_async``)."""
+
+    def __init__(self, transport: Transport, work: Any, label: str, t0: float) -> None:
+        self._transport, self._work, self.label, self._t0 = transport, work, label, t0
+        self._done = False
+
+    def wait(self) -> None:
+        if not self._done:
+            self._transport._complete_collective(self._work, self.label, self._t0)
+            self._done = True
+
+
 def _int64(v: int, what: str) -> int:
     v = int(v)
     if -(1 << 63) <= v < (1 << 63):
@@ -312,13 +325,14 @@ class Transport:
         check: ``"header"`` or ``"off"`` (default ``$HELIX_TRANSPORT_CHECK``, else
             ``"header"`` on gloo and ``"off"`` on NCCL). Same value on all ranks.
         pack: send all tensors of a message as one buffer (same value on all ranks).
+        name: the group's name in error messages (a mesh dimension: "pp", "dp").
         device: where receive buffers are allocated (default: CPU on gloo, the current CUDA
             device otherwise).
     """
 
     def __init__(self, group: Any = None, *, timeout: float | None = None,
                  check: str | None = None, pack: bool = False,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, name: str = "") -> None:
         if not is_initialized():
             raise RuntimeFailure(
                 "Transport needs an initialized process group: call "
@@ -329,6 +343,9 @@ class Transport:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.global_rank = dist.get_rank()
+        # how errors name this rank: group ranks alone are ambiguous on a mesh
+        self.who = (f"rank {self.rank}" if group is None or self.world_size == dist.get_world_size()
+                    else f"rank {self.rank} of the {name + ' ' if name else ''}group (global rank {self.global_rank})")
         self.backend = str(dist.get_backend(group))
         if timeout is None:
             timeout = float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
@@ -484,9 +501,9 @@ class Transport:
     def abort(self, reason: str) -> None:
         """Record ``reason`` for the other ranks (see :func:`report_failure`) and make this
         transport unusable. Exiting the process is what unblocks peers that wait on it."""
-        report_failure(f"rank {self.rank}: {reason}", store=self._store)
+        report_failure(f"{self.who}: {reason}", store=self._store)
         if self._failed is None:
-            self._failed = RuntimeFailure(f"rank {self.rank}: transport aborted: {reason}",
+            self._failed = RuntimeFailure(f"{self.who}: transport aborted: {reason}",
                                           rank=self.rank)
 
     def close(self) -> None:
@@ -523,6 +540,16 @@ class Transport:
         opts.timeout = self._td()
         self._collective(f"all_reduce ({op})", what, lambda: self._pg.allreduce([tensor], opts))
         return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum", *, what: str = "") -> CollectiveHandle:
+        """Start an in-place reduction over all ranks of the group and return at once;
+        ``handle.wait()`` completes it, bounded by ``timeout`` from the start (so a reduction
+        overlapped with other work costs only the wait that is left)."""
+        opts = AllreduceOptions()
+        opts.reduceOp = {"sum": ReduceOp.SUM, "max": ReduceOp.MAX, "min": ReduceOp.MIN}[op]
+        opts.timeout = self._td()
+        return CollectiveHandle(self, *self._launch(f"all_reduce ({op})", what,
+                                                    lambda: self._pg.allreduce([tensor], opts)))
 
     def all_gather_(self, tensor: torch.Tensor, *, what: str = "") -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape and dtype everywhere), indexed by group rank."""
@@ -572,7 +599,7 @@ class Transport:
                   if len({v[i] if i < len(v) else None for v in everyone}) > 1]
         lines = "\n  ".join(f"rank {r}: {v}" for r, v in enumerate(everyone))
         raise RuntimeFailure(
-            f"rank {self.rank}: the ranks disagree on {what} (positions {differ} differ):\n  "
+            f"{self.who}: the ranks disagree on {what} (positions {differ} differ):\n  "
             f"{lines}", rank=self.rank, waiting_for=f"agree({what})")
 
     def gather_all_objects(self, obj: Any, *, what: str = "") -> list[Any]:
@@ -589,33 +616,47 @@ class Transport:
         return datetime.timedelta(seconds=self.timeout)
 
     def _collective(self, name: str, what: str, start: Callable[[], Any]) -> None:
+        self._complete_collective(*self._launch(name, what, start))
+
+    def _launch(self, name: str, what: str, start: Callable[[], Any]) -> tuple[Any, str, float]:
         if self._failed is not None or self._sends.error is not None:
             self._alive()
         self._ncoll += 1
         t0 = time.monotonic()
+        label = f"#{self._ncoll} {name}{f' ({what})' if what else ''}"
         try:
-            work = start()
-            if work.wait(self._td()) is False:
+            return start(), label, t0
+        except RuntimeError as e:
+            raise self._collective_failure(e, label, t0) from e
+
+    def _complete_collective(self, work: Any, label: str, t0: float) -> None:
+        """Wait for a started collective, at most until ``timeout`` after its start."""
+        t_wait = time.monotonic()
+        try:
+            left = max(self.timeout - (t_wait - t0), 1e-3)
+            if work.wait(datetime.timedelta(seconds=left)) is False:
                 raise RuntimeError(f"Timed out after {self.timeout:g} s")
         except RuntimeError as e:
-            text = _first_line(e)
-            waited = time.monotonic() - t0
-            label = f"#{self._ncoll} {name}{f' ({what})' if what else ''}"
-            if _is_timeout(text) or waited >= self.timeout * 0.99:
-                cause = (f"timed out after {waited:.2f} s (transport timeout {self.timeout:g} s):"
-                         f" some rank of the group never joined it (hung, dead, or running a "
-                         f"different program)")
-            else:
-                cause = f"failed after {waited:.2f} s: a rank of the group closed its connection" \
-                        f" or the backend raised"
-            msg = (f"rank {self.rank}: collective {label} over {self.world_size} ranks {cause}. "
-                   f"Backend said: {text}")
-            msg += failures.reports_text(self._store)
-            exc = RuntimeFailure(msg, rank=self.rank, waiting_for=label)
-            self._mark_failed(exc)
-            raise exc from e
+            raise self._collective_failure(e, label, t0) from e
         finally:
-            self.stats.wait_s += time.monotonic() - t0
+            self.stats.wait_s += time.monotonic() - t_wait
+
+    def _collective_failure(self, e: RuntimeError, label: str, t0: float) -> RuntimeFailure:
+        text = _first_line(e)
+        waited = time.monotonic() - t0
+        if _is_timeout(text) or waited >= self.timeout * 0.99:
+            cause = (f"timed out after {waited:.2f} s (transport timeout {self.timeout:g} s):"
+                     f" some rank of the group never joined it (hung, dead, or running a "
+                     f"different program)")
+        else:
+            cause = f"failed after {waited:.2f} s: a rank of the group closed its connection" \
+                    f" or the backend raised"
+        msg = (f"{self.who}: collective {label} over {self.world_size} ranks {cause}. "
+               f"Backend said: {text}")
+        msg += failures.reports_text(self._store)
+        exc = RuntimeFailure(msg, rank=self.rank, waiting_for=label)
+        self._mark_failed(exc)
+        return exc
 
     # ---------------------------------------------------------------- posting
 
@@ -731,17 +772,17 @@ class Transport:
         f = self._failed
         if f is not None:
             raise RuntimeFailure(
-                f"rank {self.rank}: the transport is unusable after an earlier failure: {f}",
+                f"{self.who}: the transport is unusable after an earlier failure: {f}",
                 rank=self.rank, peer=f.peer, fold=f.fold, waiting_for=f.waiting_for, tag=f.tag)
 
     def _check_peer(self, peer: int) -> None:
         if not (0 <= peer < self.world_size) or peer == self.rank:
-            raise ValueError(f"rank {self.rank}: peer={peer} must be another rank of the group "
+            raise ValueError(f"{self.who}: peer={peer} must be another rank of the group "
                              f"(0..{self.world_size - 1}, not {self.rank})")
 
     def _check_rank(self, r: int, name: str) -> None:
         if not 0 <= r < self.world_size:
-            raise ValueError(f"rank {self.rank}: {name}={r} must be a rank of the group "
+            raise ValueError(f"{self.who}: {name}={r} must be a rank of the group "
                              f"(0..{self.world_size - 1})")
 
     def _fail(self, op: _Op, err: BaseException, t0: float, *, part: str = "",
@@ -767,7 +808,7 @@ class Transport:
             head = f"failed after {waited:.2f} s{during}"
             cause = "the backend raised"
         what = op.describe()
-        msg = f"rank {self.rank}: {what} {head}: {cause}. Backend said: {text}"
+        msg = f"{self.who}: {what} {head}: {cause}. Backend said: {text}"
         msg += failures.reports_text(self._store)
         exc = RuntimeFailure(msg, rank=self.rank, peer=op.peer, fold=op.fold, tag=op.tag,
                              waiting_for=what + (f", {part}" if part else ""))
@@ -777,7 +818,7 @@ class Transport:
     def _mismatch(self, op: _Op, hdr: torch.Tensor) -> RuntimeFailure:
         got = parse_header(hdr.tolist())
         expected = f"{fmt_specs(op.specs)}, fold {op.fold}, tag {op.tag!r}"
-        msg = (f"rank {self.rank}: message #{op.seq} from rank {op.peer} does not match the "
+        msg = (f"{self.who}: message #{op.seq} from rank {op.peer} does not match the "
                f"receive posted for it: expected {expected}; rank {op.peer} sent "
                f"{got.describe()}. Both ranks must post matching send/receive pairs in the "
                f"same order per (src, dst) pair with the same shapes, dtypes, fold and tag.")
@@ -789,7 +830,7 @@ class Transport:
     def _mark_failed(self, exc: RuntimeFailure) -> None:
         if self._failed is None:
             self._failed = exc
-            report_failure(f"rank {self.rank}: RuntimeFailure: {str(exc).splitlines()[0]}",
+            report_failure(f"{self.who}: RuntimeFailure: {str(exc).splitlines()[0]}",
                            store=self._store)
 
     def __del__(self) -> None:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from interp_child import run_interp_tests_in_child
+from test_attention_backends import _CustomOpLike
 
 from helix_compiler.errors import HelixError
 from helix_compiler.kernels import documents as DOCS
@@ -321,16 +322,6 @@ def _fake_varlen_bwd_old(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens
                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                          causal, *window_size, 0.0, alibi_slopes, deterministic, rng_state)
     return dq, dk, dv, torch.empty(0)
-
-
-class _CustomOpLike:
-    """Mimics torch.library.custom_op's CustomOpDef: (*args, **kwargs) call, ``_init_fn``."""
-
-    def __init__(self, fn):
-        self._init_fn = fn
-
-    def __call__(self, *args, **kwargs):
-        return self._init_fn(*args, **kwargs)
 
 
 def _fake(api):
