@@ -50,12 +50,23 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--folds", type=int, default=2)
         p.add_argument("--recompute", choices=POLICIES, default="without_attention")
         p.add_argument("--schedule", choices=SCHEDULES, default="helix")
+        p.add_argument("--documents", type=_lengths, default=None, metavar="L1,L2,...",
+                       help="lengths of the documents packed into one sequence (summing to --seq-len): "
+                            "attention is costed per document")
         if name == "simulate":
             p.add_argument("--device", default="H20", type=_device_name,
                            help=f"device preset: {', '.join(PRESETS)} (any case)")
             p.add_argument("--timeline", default=None, help="write a PNG timeline here")
             p.add_argument("--trace", default=None, help="write a Chrome trace (Perfetto) here")
     return ap
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--documents {text!r}: give comma-separated token counts, "
+                                         f"e.g. 16384,8192,8192") from None
 
 
 def _device_name(name: str) -> str:
@@ -82,7 +93,8 @@ def _run(args) -> int:
 
     program = compile_program(_model(args), pp_size=args.pp_size, seq_len=args.seq_len,
                               num_microbatches=args.microbatches, num_folds=args.folds,
-                              recompute=args.recompute, schedule=args.schedule)
+                              recompute=args.recompute, schedule=args.schedule,
+                              document_lengths=args.documents)
     if args.command == "show":
         print(program)
         print(program.schedule.picture())

@@ -65,3 +65,19 @@ def test_simulate_warns_when_peak_memory_exceeds_the_device(capsys):
     assert "on B200" in out and max(float(line.split("peak activations ")[1].split()[0])
                                     for line in out.splitlines() if "peak activations" in line) < 192
     assert "warning" not in err
+
+
+def _iteration(out: str) -> float:
+    return float(out.split("iteration ")[1].split(" s")[0])
+
+
+def test_simulate_with_packed_documents_costs_attention_per_document(capsys):
+    base = ["simulate", "--layers", "4", "--hidden", "64", "--heads", "4", "--vocab", "256",
+            "--seq-len", "8192", "--pp-size", "2"]
+    assert main(base) == 0
+    plain = _iteration(capsys.readouterr().out)
+    assert main([*base, "--documents", "2048,2048,2048,2048"]) == 0
+    packed = _iteration(capsys.readouterr().out)
+    assert packed < plain  # four 2k documents: about a quarter of the attention work
+    assert main([*base, "--documents", "2048,2048"]) == 2
+    assert "must be positive ints summing to seq_len=8192" in capsys.readouterr().err
