@@ -72,7 +72,8 @@ def _inline_wrapped_scalars(gm: fx.GraphModule, example_inputs, sources: list[st
 
 
 def _type_module(t) -> str:
-    return getattr(t, "__module__", None) or str(t).removeprefix("<class '")
+    """The module of an ``nn_module_stack`` entry's type (a class, or its qualified name)."""
+    return t if isinstance(t, str) else getattr(t, "__module__", "")
 
 
 class DynamoModule(torch.nn.Module):

@@ -98,11 +98,14 @@ def _doc_nodes(program):
     return [n for n in program.captured.gm.graph.nodes if n.op == "call_function" and n.target == DOC_IDS]
 
 
-@pytest.mark.parametrize("arch,inputs,role", [
-    ("llama", ("position_ids",), 0), ("qwen2", ("position_ids",), 0), ("llama", ("attention_mask",), 2),
+@pytest.mark.parametrize("arch,inputs,role,impl", [
+    ("llama", ("position_ids",), 0, "sdpa"), ("qwen2", ("position_ids",), 0, "sdpa"),
+    ("llama", ("attention_mask",), 2, "sdpa"), ("llama", ("position_ids",), 0, "eager"),
+    ("gpt2", ("attention_mask",), 2, "sdpa"),
 ])
-def test_hugging_face_packed_and_padded_masks_become_document_ids(arch, inputs, role):
-    program = compile_program(hf_model(arch, num_layers=2), pp_size=2, seq_len=32, inputs=inputs)
+def test_hugging_face_packed_and_padded_masks_become_document_ids(arch, inputs, role, impl):
+    program = compile_program(hf_model(arch, num_layers=2, attn_implementation=impl), pp_size=2, seq_len=32,
+                              inputs=inputs)
     (doc,) = _doc_nodes(program)
     assert [a.name if a is not None else None for a in doc.args][role] == inputs[0]
     for name in ("A1", "A2"):  # each attention segment reads the input and makes the ids itself
