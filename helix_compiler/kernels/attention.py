@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import HelixError
+from .documents import check_doc_ids
 
 ENV_VAR = "HELIX_ATTENTION_BACKEND"
 
@@ -501,11 +502,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None = None) -> No
     if k.shape != v.shape or q.shape[1] % k.shape[1] != 0:
         raise HelixError(f"helix::attention: K/V heads must divide Q heads and K, V must match; "
                          f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
-    if doc_ids is not None and (tuple(doc_ids.shape) != (q.shape[0], q.shape[2]) or q.shape[2] != k.shape[2]
-                                or doc_ids.is_floating_point()):
-        raise HelixError(f"helix::attention: doc_ids must be integer [batch, seq] = "
-                         f"[{q.shape[0]}, {q.shape[2]}] with seq_q == seq_k; got {doc_ids.dtype} "
-                         f"{tuple(doc_ids.shape)} for q{tuple(q.shape)} k{tuple(k.shape)}")
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, q.shape[0], q.shape[2], k.shape[2])
 
 
 def _window_args(window) -> tuple:

@@ -28,10 +28,9 @@ aten = torch.ops.aten
 MEAN, SUM = 1, 2  # at::Reduction
 PASSTHROUGH = {aten.to.dtype, aten.type_as.default, aten.contiguous.default, aten.clone.default,
                aten.alias.default, aten._to_copy.default, aten.to.dtype_layout}
-LOSSES = {aten.cross_entropy_loss.default: ("target", "weight", "reduction", "ignore_index"),
-          aten.nll_loss.default: ("target", "weight", "reduction", "ignore_index"),
-          aten.nll_loss_forward.default: ("target", "weight", "reduction", "ignore_index"),
-          aten.nll_loss2d.default: ("target", "weight", "reduction", "ignore_index")}
+# losses with (target, weight, reduction, ignore_index) arguments
+LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_forward.default,
+          aten.nll_loss2d.default}
 
 
 def _arg(node: fx.Node, name: str):

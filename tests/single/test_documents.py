@@ -89,8 +89,10 @@ def test_one_document_per_row_is_the_plain_call():
 
 def test_bad_document_ids_are_rejected():
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(HelixError, match="doc_ids must be integer"):
+    with pytest.raises(HelixError, match=r"doc_ids of shape \(1, 7\): expected \[batch, seq\] = \[1, 8\]"):
         torch.ops.helix.attention(q, q, q, torch.zeros(1, 7, dtype=torch.int32), causal=True, scale=1.0)
+    with pytest.raises(HelixError, match="must be int32 or int64"):
+        torch.ops.helix.attention(q, q, q, torch.zeros(1, 8), causal=True, scale=1.0)
 
 
 # ------------------------------------------------------------------------------ recognition
