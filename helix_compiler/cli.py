@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--documents", type=_lengths, default=None, metavar="L1,L2,...",
                        help="lengths of the documents packed into one sequence (summing to --seq-len): "
                             "attention is costed per document")
+        if name == "show":
+            p.add_argument("--tp", type=int, default=None,
+                           help="also print the tensor-parallel plan: each parameter's shard over TP ranks")
         if name == "simulate":
             p.add_argument("--device", default="H20", type=_device_name,
                            help=f"device preset: {', '.join(PRESETS)} (any case)")
@@ -98,6 +101,8 @@ def _run(args) -> int:
     if args.command == "show":
         print(program)
         print(program.schedule.picture())
+        if args.tp:
+            print(program.tensor_parallel_plan(args.tp).describe())
         return 0
     result = program.simulate(device=args.device)
     print(result.summary())

@@ -92,6 +92,13 @@ class HelixProgram:
             rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions (rescheduled)"
         return program
 
+    def tensor_parallel_plan(self, tp: int):
+        """How every parameter would be split over ``tp`` ranks inside each stage (Megatron's
+        column / row layout, GQA heads split or replicated): see ``passes.tensor_parallel_plan``."""
+        from .passes.tensor_parallel_plan import plan_tensor_parallel
+
+        return plan_tensor_parallel(self.captured.gm, tp, self.captured.user_fqn)
+
     def simulate(self, device: str = "H20", **kwargs):
         from .sim import simulate
 
