@@ -81,13 +81,14 @@ from helix_compiler.runtime.launch import spawn_ranks  # noqa: E402
 START, END = "<!-- cpu_pipeline:start -->", "<!-- cpu_pipeline:end -->"
 P = 2  # ranks
 
-HELIX_CONFIGS = [  # (name, schedule, folds, recompute)
-    ("helix F=2 rc=w/o-attn", "helix", 2, "without_attention"),
-    ("helix F=2 rc=none", "helix", 2, "none"),
-    ("helix F=1 rc=w/o-attn", "helix", 1, "without_attention"),
-    ("helix F=1 rc=none", "helix", 1, "none"),
-    ("ours 1f1b", "1f1b", 1, "none"),
-    ("ours gpipe", "gpipe", 1, "none"),
+HELIX_CONFIGS = [  # (name, schedule, folds, recompute, head stage: None = the default placement)
+    ("helix F=2 rc=w/o-attn", "helix", 2, "without_attention", None),
+    ("helix F=2 rc=none", "helix", 2, "none", None),
+    ("helix F=2 rc=none head=auto", "helix", 2, "none", "auto"),  # the head where the cost model balances it
+    ("helix F=1 rc=w/o-attn", "helix", 1, "without_attention", None),
+    ("helix F=1 rc=none", "helix", 1, "none", None),
+    ("ours 1f1b", "1f1b", 1, "none", None),
+    ("ours gpipe", "gpipe", 1, "none", None),
 ]
 TORCH_CONFIGS = [  # (name, schedule class, checkpoint every block)
     ("torch Schedule1F1B", "Schedule1F1B", False),
@@ -190,11 +191,11 @@ class HelixRunner:
 
     GROUP = {"attn": "attn", "param": "param", "final": "param", "embed": "embed", "head": "head"}
 
-    def __init__(self, name, program, transport, rank, kind, folds, recompute, M, ids, labels):
+    def __init__(self, name, program, transport, rank, kind, folds, recompute, head_stage, M, ids, labels):
         from helix_compiler.lowering.stage_program import lower_program
         from helix_compiler.runtime.pipeline import HelixPipeline
 
-        self.program = program.reschedule(schedule=kind, num_microbatches=M,
+        self.program = program.reschedule(schedule=kind, num_microbatches=M, head_stage=head_stage,
                                           num_folds=folds if kind == "helix" else 1, recompute=recompute)
         self.name, self.rank, self.ids, self.labels = name, rank, ids, labels
         self.events: list[tuple[str, str, int, float, float]] = []  # (op, seg, mb, start, end)
@@ -434,8 +435,8 @@ def _rank_main(rank: int, a: dict) -> dict:
             rs.append(SingleRunner(SINGLE2, base, rank, M, ids, labels, transport, both=True))
         if want(SEGMENTS):
             rs.append(SegmentsRunner(SEGMENTS, program, rank, M, ids, labels, transport))
-        rs += [HelixRunner(n, program, transport, rank, k, f, rc, M, ids, labels)
-               for n, k, f, rc in HELIX_CONFIGS if want(n)]
+        rs += [HelixRunner(n, program, transport, rank, k, f, rc, hs, M, ids, labels)
+               for n, k, f, rc, hs in HELIX_CONFIGS if want(n)]
         rs += [TorchRunner(n, base, rank, c, ck, M, ids, labels, split, timer_box)
                for n, c, ck in TORCH_CONFIGS if want(n)]
         runners += [(M, r) for r in rs]
