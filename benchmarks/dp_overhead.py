@@ -120,11 +120,8 @@ def main(argv=None) -> int:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r, dp_t, alone in rows:
         st = r["stats"]
-        ratio = f"{dp_t / alone:.2f}" if alone else "-"
-        lines.append(f"| {r['rank']} | {r['dp_rank']} | {dp_t:.3f} | {alone:.3f} | {ratio} | {st['buckets']} | "
-                     f"{st['nbytes'] / 2**20:.1f} | {st['overlapped']} | {st['exposed_s']:.3f} |"
-                     if alone else
-                     f"| {r['rank']} | {r['dp_rank']} | {dp_t:.3f} | - | - | {st['buckets']} | "
+        alone_s, ratio = (f"{alone:.3f}", f"{dp_t / alone:.2f}") if alone else ("-", "-")
+        lines.append(f"| {r['rank']} | {r['dp_rank']} | {dp_t:.3f} | {alone_s} | {ratio} | {st['buckets']} | "
                      f"{st['nbytes'] / 2**20:.1f} | {st['overlapped']} | {st['exposed_s']:.3f} |")
     if os.cpu_count() < 4:
         lines += ["", f"This machine has {os.cpu_count()} cores for 4 ranks: in the dp phase all four "

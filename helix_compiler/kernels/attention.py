@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import HelixError
-from .documents import check_doc_ids
+from .documents import check_doc_ids, document_runs
 
 ENV_VAR = "HELIX_ATTENTION_BACKEND"
 
@@ -421,17 +421,6 @@ _register_optional_backends()
 
 
 # --- documents ---------------------------------------------------------------------------------
-def document_runs(doc_ids: Tensor) -> list[list[tuple[int, int]]]:
-    """Per batch row, the ``[start, end)`` token ranges of its documents (one host sync)."""
-    b, s = doc_ids.shape
-    change = (doc_ids[:, 1:] != doc_ids[:, :-1]).cpu()
-    runs = []
-    for row in range(b):
-        cuts = [0, *(change[row].nonzero().flatten() + 1).tolist(), s]
-        runs.append(list(zip(cuts[:-1], cuts[1:], strict=True)))
-    return runs
-
-
 def _document_slices(doc_ids: Tensor):
     """``(batch slice, seq slice)`` pairs covering every document once: all rows at a time
     when every row has the same boundaries, else one row at a time."""

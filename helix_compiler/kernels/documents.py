@@ -89,3 +89,14 @@ def document_bounds(doc_ids: Tensor) -> tuple[Tensor, int]:
     ends = torch.searchsorted(doc, torch.arange(num_docs, device=device), right=True)
     cu = torch.cat([torch.zeros(1, dtype=ends.dtype, device=device), ends]).to(torch.int32)
     return cu, max_seqlen
+
+
+def document_runs(doc_ids: Tensor) -> list[list[tuple[int, int]]]:
+    """Per batch row, the ``[start, end)`` token ranges of its documents (one host sync)."""
+    b, s = doc_ids.shape
+    change = (doc_ids[:, 1:] != doc_ids[:, :-1]).cpu()
+    runs = []
+    for row in range(b):
+        cuts = [0, *(change[row].nonzero().flatten() + 1).tolist(), s]
+        runs.append(list(zip(cuts[:-1], cuts[1:], strict=True)))
+    return runs

@@ -45,6 +45,7 @@ class GradientReducer:
     def __init__(self, stage: StageProgram, transport, *, bucket_bytes: int = BUCKET_BYTES):
         self.transport = transport  # over the dp group
         self.stage = stage
+        self.bucket_bytes = bucket_bytes
         by_id = {id(p): name for name, p in stage.params.items()}
         last: dict[str, int] = {}  # parameter -> position of its last contributing B
         for k, i in enumerate(stage.instrs):
@@ -86,7 +87,7 @@ class GradientReducer:
         self.stats.overlapped = len(self._inflight)
         started = {n for names, _, _ in self._inflight for n in names}
         rest = [n for n in self.stage.params if n not in started]
-        for names in _split(rest, self.stage.params, BUCKET_BYTES):
+        for names in _split(rest, self.stage.params, self.bucket_bytes):
             self._start(names)
         params = self.stage.params
         for names, flat, handle in self._inflight:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from interp_child import run_interp_tests_in_child
 from test_attention_backends import _CustomOpLike
+from test_attention_backends import keep_mask as band_keep
 
 from helix_compiler.errors import HelixError
 from helix_compiler.kernels import documents as DOCS
@@ -37,17 +38,7 @@ def doc_ids_from_lengths(*rows: list[int], dtype=torch.int64) -> torch.Tensor:
 def keep_mask(doc_ids, causal, window=None):
     """Bool ``[b, s, s]``: query i sees key j (same document, causal, window (left, right))."""
     s = doc_ids.shape[1]
-    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
-    keep = torch.ones(s, s, dtype=torch.bool)
-    if causal:
-        keep &= j <= i
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            keep &= i - j <= left
-        if right >= 0:
-            keep &= j - i <= right
-    return keep[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return band_keep(s, s, causal, window)[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
 
 
 def reference(q, k, v, dout, causal, scale, window, doc_ids):

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from helix_compiler import HelixError, UnsupportedModelError, compile_program  # noqa: E402
-from helix_compiler.kernels.attention import document_runs  # noqa: E402
+from helix_compiler.kernels.documents import document_runs  # noqa: E402
 from helix_compiler.models import GPT, GPTConfig, Llama, LlamaConfig, document_mask, hf_model  # noqa: E402
 from helix_compiler.passes.segment import run_chain  # noqa: E402
 from helix_compiler.runtime.batch_checks import check_documents  # noqa: E402
@@ -222,3 +222,24 @@ def test_token_loss_rejects_a_loss_with_other_terms():
         compile_program(ZLoss(LlamaConfig(num_layers=2)), pp_size=2, seq_len=16, loss_reduction="tokens")
     with pytest.raises(HelixError, match="loss_reduction='sum' is not known"):
         compile_program(Llama(LlamaConfig(num_layers=2)), pp_size=2, seq_len=16, loss_reduction="sum")
+
+
+class FarSighted(Llama):
+    """Within documents up to 80 tokens back, but beyond that every earlier token: a rule that
+    shows only on sequences longer than the mask's constant."""
+
+    def forward(self, input_ids, labels, document_ids=None):
+        t = input_ids.shape[1]
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        keep = document_mask(document_ids) | ((i - j) >= 80)
+        freqs = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), -1)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, emb.cos(), emb.sin(), keep)
+        return F.cross_entropy(self.lm_head(self.norm(x)).flatten(0, 1), labels.flatten())
+
+
+def test_a_document_rule_that_changes_past_a_constant_is_probed_there_and_rejected():
+    with pytest.raises(UnsupportedModelError, match="not a causal mask within documents"):
+        compile_program(FarSighted(LlamaConfig(num_layers=2)), pp_size=2, seq_len=16, inputs=("document_ids",))
