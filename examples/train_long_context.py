@@ -2,6 +2,9 @@
 
     torchrun --nproc-per-node 2 examples/train_long_context.py --out out
     torchrun --nproc-per-node 4 examples/train_long_context.py --out out --dp 2   # pp=2 x dp=2
+    torchrun --nproc-per-node 4 examples/train_long_context.py --out out --tp 2   # pp=2 x tp=2
+    torchrun --nproc-per-node 2 examples/train_long_context.py --out out --steps 6 --save-every 3
+    torchrun --nproc-per-node 2 examples/train_long_context.py --out out --steps 6 --resume out/checkpoints/step3
 
 Each rank compiles the same unmodified model with helix_compile, trains a few steps under
 the HelixPipe two-fold FILO schedule over gloo, and rank 0 checks the step-1 loss against a
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from helix_compiler import helix_compile
+from helix_compiler.checkpoint import load_checkpoint, save_checkpoint
 from helix_compiler.models import Llama, LlamaConfig
 from helix_compiler.runtime.launch import init_from_env
 from helix_compiler.sim.measured import measured_result, trace_from_json, trace_to_json
@@ -46,7 +50,12 @@ def parse_args():
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--docs", type=int, default=4, help="packed documents per sequence (random lengths)")
     ap.add_argument("--no-pack", action="store_true", help="one document per sequence (no document masking)")
-    ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas (world = pp x dp)")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas (world = pp x dp x tp)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (world = pp x dp x tp)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="save a DCP checkpoint (model, optimizer, step, every rank's RNG) every N steps to "
+                         "OUT/checkpoints/stepN")
+    ap.add_argument("--resume", default=None, help="resume from this checkpoint directory (any pipeline size)")
     return ap.parse_args()
 
 
@@ -74,19 +83,19 @@ def main() -> None:
     args = parse_args()
     info = init_from_env(num_threads=1)
     rank, world = info.rank, info.world_size
-    if world % args.dp:
-        raise SystemExit(f"--dp {args.dp} must divide the {world} processes (world = pp x dp)")
-    pp = world // args.dp
+    if world % (args.dp * args.tp):
+        raise SystemExit(f"--dp {args.dp} x --tp {args.tp} must divide the {world} processes (world = pp x dp x tp)")
+    pp = world // (args.dp * args.tp)
     mesh = None
-    if args.dp > 1:
+    if args.dp > 1 or args.tp > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (args.dp, pp), mesh_dim_names=("dp", "pp"))
+        mesh = init_device_mesh("cpu", (args.dp, pp, args.tp), mesh_dim_names=("dp", "pp", "tp"))
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     out = Path(args.out)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, num_layers=args.layers, hidden=args.hidden, heads=args.heads,
-                      kv_heads=args.kv_heads, ffn=int(8 * args.hidden / 3))
+                      kv_heads=args.kv_heads, ffn=(8 * args.hidden // 3 + 7) // 8 * 8)  # Llama: 8h/3, rounded up
     model = Llama(cfg)
     reference = copy.deepcopy(model) if rank == 0 else None
     M = args.microbatches or pp * args.folds
@@ -98,6 +107,7 @@ def main() -> None:
                          inputs=("position_ids", "document_ids") if packed else (),
                          loss_reduction="tokens", document_lengths=typical if packed else None)
     opt = torch.optim.AdamW(list(pipe.parameters()), lr=args.lr)
+    start = load_checkpoint(args.resume, pipe, opt) if args.resume else 0
 
     (out / "stage_graphs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -109,11 +119,14 @@ def main() -> None:
         (out / "stage_graphs" / f"rank{rank}_{name}.py").write_text(gm.code)
 
     gen = torch.Generator().manual_seed(1234)
-    steps = range(args.steps)
+    for _ in range(start):  # the data position: the batches the checkpointed steps consumed
+        synthetic_batch(M * args.dp, args.seq_len, args.vocab, args.docs if packed else 1, gen)
+    steps = range(start, args.steps)
+    traces = None
     if rank == 0:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc=f"helix pp={pp} dp={args.dp} s={args.seq_len}", unit="step")
+        steps = tqdm(steps, desc=f"helix pp={pp} dp={args.dp} tp={args.tp} s={args.seq_len}", unit="step")
     losses = []
     for step in steps:
         # the union batch of every replica; each takes its own M rows
@@ -124,6 +137,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach().item())
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(out / "checkpoints" / f"step{step + 1}", pipe, opt, step=step + 1)
         if rank == 0:
             steps.set_postfix(loss=f"{losses[-1]:.4f}")
         if step == 0:
@@ -137,10 +152,10 @@ def main() -> None:
                 if diff > 1e-4 * max(1.0, abs(float(single))):
                     raise SystemExit(f"loss parity FAILED: |diff|={diff:.3e}")
     pipe.transport.barrier()
-    if rank == 0:
+    if rank == 0 and traces is not None:
         measured = measured_result(pipe.schedule, [trace_from_json(t) for t in traces])
         measured.write_timeline(out / "timeline_measured.png",
-                                title=f"HelixPipe measured step 1: p={pp}, dp={args.dp}, M={M}, F={args.folds}, s={args.seq_len}")
+                                title=f"HelixPipe measured step 1: p={pp}, dp={args.dp}, tp={args.tp}, M={M}, F={args.folds}, s={args.seq_len}")
         write_chrome_trace(measured, out / "trace_measured.json")
         pic = pipe.schedule.picture() if hasattr(pipe.schedule, "picture") else ""
         (out / "schedule_picture.txt").write_text(str(pic))
@@ -148,6 +163,8 @@ def main() -> None:
         print(f"data: {data}")
         print(f"losses: {[round(x, 4) for x in losses]}")
         print(f"wrote {out}/: program.txt, schedule.txt, schedule_picture.txt, stage_graphs/, timeline_measured.png, trace_measured.json")
+    elif rank == 0:
+        print(f"resumed after step {start}: losses of steps {start + 1}..{args.steps}: {losses}")
     pipe.transport.barrier()
     torch.distributed.destroy_process_group()
 

@@ -7,10 +7,14 @@ from .compile import helix_compile
 from .config import HelixConfig
 from .errors import CaptureError, HelixError, RuntimeFailure, ScheduleError, UnsupportedModelError
 from .kernels import attention as _attention  # noqa: F401  (registers torch.ops.helix.attention)
+from .load import load_pretrained
 from .program import HelixProgram, compile_program
+from .runtime.materialize import init_model
 from .runtime.pipeline import HelixPipeline
+from .runtime.zero import sharded_optimizer
 
 _register_backend()
 
 __all__ = ["CaptureError", "HelixConfig", "HelixError", "HelixPipeline", "HelixProgram", "RuntimeFailure",
-           "ScheduleError", "UnsupportedModelError", "compile_program", "helix_compile"]
+           "ScheduleError", "UnsupportedModelError", "compile_program", "helix_compile", "init_model",
+           "load_pretrained", "sharded_optimizer"]

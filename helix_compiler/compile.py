@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from .errors import HelixError
+from .kernels.tensor_parallel import bind_tp_group
 from .lowering.stage_program import lower_program
 from .program import compile_program
+from .runtime.materialize import materialize_rank, rank_device
 from .runtime.pipeline import HelixPipeline
 
 
@@ -22,7 +24,9 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
                   hooks=(), record_trace: bool = False, transport=None, example_inputs=None,
                   loss_output: int | str | None = None, inputs: tuple[str, ...] = (),
                   loss_reduction: str = "auto", document_lengths: tuple[int, ...] | None = None,
-                  mesh=None) -> HelixPipeline:
+                  mesh=None, device: torch.device | str | None = None, init_seed: int = 0,
+                  memory_limit="device", tune: dict | None = None,
+                  sequence_parallel: bool | None = None, vocab_parallel: bool | None = None) -> HelixPipeline:
     """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
 
     Needs an initialized process group of ``pp_size`` ranks (``torchrun``). ``timeout``
@@ -36,31 +40,51 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     the default for Hugging Face causal LMs), "micro_batch_mean" (the mean of the micro
     batches' losses; the default otherwise), or "auto". ``document_lengths``: typical packed
     document lengths, for the cost model and placement. ``mesh``: a ``DeviceMesh`` whose
-    dimensions are named ``"pp"`` and optionally ``"dp"`` (torchtitan's names, any order): the
-    pipeline runs over ``mesh["pp"]`` and each pipeline rank's gradients are summed over
+    dimensions are named ``"pp"`` and optionally ``"dp"`` and ``"tp"`` (torchtitan's names, any
+    order): the pipeline runs over ``mesh["pp"]``, each stage's layers are split over
+    ``mesh["tp"]`` (Megatron's column/row layout, ``passes.tensor_parallel``; the tp ranks of a
+    stage are given the same batch; ``sequence_parallel``, on by default with tp, splits the
+    activations between the parallel regions along the sequence; ``vocab_parallel``, on by
+    default with tp, splits the embedding and head by vocabulary rows) and each pipeline rank's
+    gradients are summed over
     ``mesh["dp"]`` (each dp replica is given its own batch; the loss is the whole mesh's).
-    Without it the whole world is the pipeline."""
+    Without it the whole world is the pipeline. ``device``: where this rank's parameters and
+    buffers live (default: the transport's device, the rank's CUDA device under NCCL, else
+    CPU). A model built under ``torch.device("meta")`` is materialized per rank: only the
+    tensors this rank owns are allocated, initialized by the model's own init under per-module
+    seeds from ``init_seed`` (``runtime.materialize``); then load weights with
+    ``pipe.load_state_dict``, ``load_pretrained`` or DCP. ``schedule="auto"`` with
+    ``memory_limit`` and ``tune``: see ``compile_program`` (only runnable schedules are chosen;
+    every rank's search gives the same choice, kept in ``pipe.program.choice``)."""
     from .runtime.transport import Transport
 
-    pp_group, dp_group = _mesh_groups(mesh, pp_size)
+    pp_group, dp_group, tp_group = _mesh_groups(mesh, pp_size)
     dp_transport = Transport(group=dp_group, timeout=timeout, name="dp") if dp_group is not None else None
+    tp_transport = Transport(group=tp_group, timeout=timeout, name="tp") if tp_group is not None else None
+    tp = tp_transport.world_size if tp_transport is not None else 1
     if transport is None:
         transport = Transport(group=pp_group, timeout=timeout, name="pp")
     if transport.world_size != pp_size:
         raise HelixError(f"pp_size={pp_size} but the process group has {transport.world_size} ranks; "
                          f"launch with torchrun --nproc-per-node {pp_size}")
-    if schedule == "helix" and num_microbatches is None:
+    if schedule in ("helix", "auto") and num_microbatches is None:
         num_microbatches = pp_size * num_folds
     program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
-                              num_folds=num_folds if schedule == "helix" else 1, micro_batch_size=micro_batch_size,
+                              num_folds=num_folds if schedule in ("helix", "auto") else 1,
+                              micro_batch_size=micro_batch_size, memory_limit=memory_limit, tune=tune,
                               recompute=recompute, mlp_chunks=mlp_chunks, schedule=schedule, head_stage=head_stage,
                               virtual_stages=virtual_stages, loss_fn=loss_fn, example_inputs=example_inputs,
                               loss_output=loss_output, inputs=inputs, loss_reduction=loss_reduction,
-                              document_lengths=document_lengths)
-    stages = lower_program(program)
+                              document_lengths=document_lengths, tensor_parallel=tp,
+                              sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
+    stages = lower_program(program, tp_rank=tp_transport.rank if tp_transport is not None else 0)
+    if program.tensor_parallel is not None:
+        bind_tp_group(program.tensor_parallel.group_key, tp_group)
+    stages = materialize_rank(stages, transport.rank, model, device=rank_device(device, transport),
+                              seed=init_seed, tp_size=tp)
     pipe = HelixPipeline(stages, rank=transport.rank, transport=transport, schedule=program.schedule,
                          hooks=tuple(hooks), record_trace=record_trace, check_batch=check_batch,
-                         dp_transport=dp_transport)
+                         dp_transport=dp_transport, tp_transport=tp_transport)
     pipe.program = program
     pipe.check_consistent()
     return pipe
@@ -70,9 +94,10 @@ MESH_DIMS = ("pp", "dp", "tp")
 
 
 def _mesh_groups(mesh, pp_size: int):
-    """``(pp group or None for the world, dp group or None)`` of ``mesh``, checked."""
+    """``(pp group or None for the world, dp group or None, tp group or None)`` of ``mesh``,
+    checked."""
     if mesh is None:
-        return None, None
+        return None, None, None
     from torch.distributed.device_mesh import DeviceMesh
 
     if not isinstance(mesh, DeviceMesh):
@@ -84,11 +109,9 @@ def _mesh_groups(mesh, pp_size: int):
     if "pp" not in names or unknown or len(set(names)) != len(names):
         raise HelixError(f"mesh dimensions {names}: name them from {list(MESH_DIMS)}, each once, with 'pp' "
                          f"among them (torchtitan's names)")
-    if "tp" in names and mesh["tp"].size() > 1:
-        raise HelixError(f"mesh dimension 'tp' has size {mesh['tp'].size()}: tensor parallelism inside the "
-                         f"stages is not implemented yet; use a mesh of 'pp' x 'dp' (tp size 1)")
     if mesh["pp"].size() != pp_size:
         raise HelixError(f"pp_size={pp_size} but mesh['pp'] has {mesh['pp'].size()} ranks; pass "
                          f"pp_size=mesh['pp'].size()")
     dp = mesh["dp"].get_group() if "dp" in names and mesh["dp"].size() > 1 else None
-    return mesh["pp"].get_group(), dp
+    tp = mesh["tp"].get_group() if "tp" in names and mesh["tp"].size() > 1 else None
+    return mesh["pp"].get_group(), dp, tp

@@ -51,6 +51,14 @@ class HelixConfig:
     # lengths of the documents packed into one sequence (summing to seq_len), for the cost model
     # and simulator: attention costs the sum of squared document lengths, not seq_len squared
     document_lengths: tuple[int, ...] | None = None
+    # ranks of the tensor-parallel group inside each stage (Megatron's layout, passes.tensor_parallel)
+    tensor_parallel: int = 1
+    # split the activations between the parallel regions along the sequence (Megatron's sequence
+    # parallelism); None: on whenever tensor_parallel > 1
+    sequence_parallel: bool | None = None
+    # split the token embedding and the head by vocabulary rows (vocabulary-parallel
+    # cross-entropy); None: on whenever tensor_parallel > 1
+    vocab_parallel: bool | None = None
 
     def __post_init__(self) -> None:
         _positive_int("pp_size", self.pp_size)
@@ -64,8 +72,8 @@ class HelixConfig:
         _positive_int("num_microbatches", self.num_microbatches)
         if self.recompute not in POLICIES:
             raise HelixError(f"recompute={self.recompute!r} is not a policy; use one of {list(POLICIES)}")
-        if self.schedule not in SCHEDULES:
-            raise HelixError(f"schedule={self.schedule!r} is not known; use one of {list(SCHEDULES)}")
+        if self.schedule not in SCHEDULES and self.schedule != "auto":  # "auto": tune.py searches them
+            raise HelixError(f"schedule={self.schedule!r} is not known; use one of {[*SCHEDULES, 'auto']}")
         if self.head_stage is not None and self.schedule != "helix":
             raise HelixError(f"head_stage={self.head_stage!r} applies to schedule='helix' only "
                              f"(got schedule={self.schedule!r}); leave it None")
@@ -80,6 +88,31 @@ class HelixConfig:
                     f"mlp_chunks={self.mlp_chunks} is larger than seq_len={self.seq_len}: each MLP chunk needs at "
                     f"least one token; use 1 <= mlp_chunks <= {self.seq_len} (e.g. seq_len/mlp_chunks of a few "
                     f"thousand tokens), or None")
+        _positive_int("tensor_parallel", self.tensor_parallel)
+        if self.sequence_parallel is None:
+            object.__setattr__(self, "sequence_parallel", self.tensor_parallel > 1)
+        if not isinstance(self.sequence_parallel, bool):
+            raise HelixError(f"sequence_parallel={self.sequence_parallel!r} must be True, False or None")
+        if self.vocab_parallel is None:
+            object.__setattr__(self, "vocab_parallel", self.tensor_parallel > 1)
+        if not isinstance(self.vocab_parallel, bool) or (self.vocab_parallel and self.tensor_parallel == 1):
+            raise HelixError(f"vocab_parallel={self.vocab_parallel!r} must be True (with tensor_parallel > 1), "
+                             f"False or None")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise HelixError("sequence_parallel=True needs tensor_parallel > 1 (it splits the sequence over the "
+                             "tensor-parallel ranks)")
+        if self.sequence_parallel and self.micro_batch_size != 1:
+            raise HelixError(f"sequence parallelism needs micro_batch_size=1 (one sequence per micro batch: the "
+                             f"[b*s, h] rows of a matmul are then the sequence); got micro_batch_size="
+                             f"{self.micro_batch_size}: use micro_batch_size=1 or sequence_parallel=False")
+        if self.sequence_parallel and self.seq_len % self.tensor_parallel:
+            raise HelixError(f"seq_len={self.seq_len} must be a multiple of tensor_parallel={self.tensor_parallel} "
+                             f"for sequence parallelism (each tp rank holds seq_len/tp tokens); use "
+                             f"{self.seq_len // self.tensor_parallel * self.tensor_parallel or self.tensor_parallel}"
+                             f" or sequence_parallel=False")
+        if self.tensor_parallel > 1 and self.mlp_chunks not in (None, 1):
+            raise HelixError(f"mlp_chunks={self.mlp_chunks} with tensor_parallel={self.tensor_parallel}: chunked MLPs "
+                             f"are not split over tensor-parallel ranks yet; use mlp_chunks=None with tp > 1")
         if self.virtual_stages is not None:
             if self.schedule != "interleaved":
                 raise HelixError(f"virtual_stages={self.virtual_stages!r} applies to schedule='interleaved' only "

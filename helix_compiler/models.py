@@ -112,6 +112,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def reset_parameters(self) -> None:  # what a meta-built model runs on materialization
+        nn.init.ones_(self.weight)
+
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
@@ -170,9 +173,16 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        head_dim = cfg.hidden // cfg.heads
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        head_dim = self.cfg.hidden // self.cfg.heads
+        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+    def reset_parameters(self) -> None:
+        # the rotary cache is not in checkpoints (non-persistent): a meta-built model recomputes it
+        with torch.no_grad():
+            self.inv_freq.copy_(self._inv_freq(self.inv_freq.device))
 
     def forward(self, input_ids, labels, position_ids=None, document_ids=None):
         t = input_ids.shape[1]

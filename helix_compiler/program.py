@@ -48,6 +48,11 @@ class HelixProgram:
     # loss_reduction="tokens" (resolved from "auto"): how a micro batch's counted tokens are
     # found (``passes.token_loss``); None: the step's loss is the micro batches' mean
     token_count: object = None
+    # tensor_parallel > 1: the split of every split parameter and boundary value
+    # (``passes.tensor_parallel.TensorParallelProgram``); the segments are the per-rank graphs
+    tensor_parallel: object = None
+    # schedule="auto": the search's ``tune.ScheduleChoice`` (chosen, runner-up, every candidate)
+    choice: object = None
 
     def pass_report(self) -> str:
         """One line per pass: wall seconds and FX node counts before -> after."""
@@ -86,25 +91,41 @@ class HelixProgram:
         record = _PassRecorder()
         record.records = [r for r in self.passes if r.name != "build_schedule"]
         record.graphs = [seg.gm for seg in self.segments]
-        program = dataclasses.replace(self, config=config, schedule=None, info={}, passes=record.records)
+        program = dataclasses.replace(self, config=config, schedule=None, info={}, passes=record.records,
+                                      choice=None)
         with record("build_schedule") as rec:
             program.schedule = _build_schedule(program)
             rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions (rescheduled)"
         return program
 
-    def tensor_parallel_plan(self, tp: int):
+    def tensor_parallel_plan(self, tp: int, *, vocab_parallel: bool | None = None):
         """How every parameter would be split over ``tp`` ranks inside each stage (Megatron's
-        column / row layout, GQA heads split or replicated): see ``passes.tensor_parallel_plan``."""
+        column / row layout, GQA heads split or replicated; the embedding and head by
+        vocabulary when ``vocab_parallel``, by default as this program was compiled): see
+        ``passes.tensor_parallel_plan``."""
         from .passes.tensor_parallel_plan import plan_tensor_parallel
 
-        return plan_tensor_parallel(self.captured.gm, tp, self.captured.user_fqn)
+        vocab = self.config.vocab_parallel if vocab_parallel is None else vocab_parallel
+        return plan_tensor_parallel(self.captured.gm, tp, self.captured.user_fqn, vocab_parallel=vocab)
 
-    def simulate(self, device: str = "H20", **kwargs):
+    def simulate(self, device: str = "H20", *, tp: int = 1, dp: int = 1, dp_shard: bool = False,
+                 optimizer="auto", **kwargs):
+        """One simulated iteration; the result's ``rank_memory`` / ``total_peak_memory_bytes``
+        add parameters, gradients and optimizer state to the activations (``sim.memory``:
+        ``tp``, ``dp``, ``dp_shard``, ``optimizer``). ``tp`` > 1 on a tp=1 program divides
+        durations and bytes by tp as the schedule search does (``tune.simulate_program``)."""
         from .sim import simulate
+        from .sim.memory import with_memory
 
-        return simulate(self.schedule, self.specs, self.costs, device=device,
-                        micro_batch_size=self.config.micro_batch_size, seq_len=self.config.seq_len,
-                        recompute=self.config.recompute, **kwargs)
+        if tp > 1:
+            from .tune import simulate_program
+
+            return simulate_program(self, device=device, tp=tp, dp=dp, dp_shard=dp_shard, optimizer=optimizer,
+                                    **kwargs)
+        res = simulate(self.schedule, self.specs, self.costs, device=device,
+                       micro_batch_size=self.config.micro_batch_size, seq_len=self.config.seq_len,
+                       recompute=self.config.recompute, **kwargs)
+        return with_memory(self, res, tp=tp, dp=dp, dp_shard=dp_shard, optimizer=optimizer)
 
     def __str__(self) -> str:
         c = self.config
@@ -133,18 +154,32 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
                     mlp_chunks: int | None = None, schedule: str = "helix", virtual_stages: int | None = None,
                     head_stage: int | str | None = None, example_inputs=None, loss_fn=None,
                     loss_output: int | str | None = None, inputs: tuple[str, ...] = (),
-                    loss_reduction: str = "auto", document_lengths: tuple[int, ...] | None = None) -> HelixProgram:
+                    loss_reduction: str = "auto", document_lengths: tuple[int, ...] | None = None,
+                    tensor_parallel: int = 1, sequence_parallel: bool | None = None,
+                    vocab_parallel: bool | None = None, memory_limit="device",
+                    tune: dict | None = None) -> HelixProgram:
     """``loss_output``: when the model returns several values (``(loss, logits)``, a dict), the
     position or key of the loss among them. ``inputs``: the model's per-token inputs beyond
     ``(input_ids, labels)``, by keyword name (``("position_ids",)`` for packed documents,
     ``("attention_mask",)`` for padding). ``loss_reduction``: see ``HelixConfig``.
-    ``document_lengths``: typical packed document lengths, for the cost model. Bad arguments
-    raise HelixError before any tracing."""
+    ``document_lengths``: typical packed document lengths, for the cost model.
+    ``tensor_parallel``: ranks of the tensor-parallel group inside each stage; the segment
+    graphs, their costs and boundary shapes are then one tp rank's (``passes.tensor_parallel``).
+    ``sequence_parallel``: split the activations between the parallel regions along the
+    sequence (default: whenever ``tensor_parallel > 1``; needs ``micro_batch_size=1``).
+    ``vocab_parallel``: split the token embedding and the head by vocabulary rows, with a
+    vocabulary-parallel cross-entropy (default: whenever ``tensor_parallel > 1``).
+    ``schedule="auto"``: the schedule options are searched by simulation and the fastest
+    runnable one whose peak memory per rank fits ``memory_limit`` (bytes, "device" or None) is
+    compiled; ``tune``: ``tune.search_schedules`` options (``device`` preset, default "H20";
+    ``tokens_per_step``, ``tp``, ``dp``, ``dp_shard``, ``optimizer``, the dimensions to
+    search); the result's ``choice`` holds the table. Bad arguments raise HelixError before any tracing."""
     config = HelixConfig(pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches, num_folds=num_folds,
                          micro_batch_size=micro_batch_size, recompute=recompute, mlp_chunks=mlp_chunks,
                          schedule=schedule, virtual_stages=virtual_stages, head_stage=head_stage,
                          loss_output=loss_output, inputs=inputs, loss_reduction=loss_reduction,
-                         document_lengths=document_lengths)
+                         document_lengths=document_lengths, tensor_parallel=tensor_parallel,
+                         sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
     check_model_early(model, loss_fn=loss_fn, loss_output=loss_output)
     check_example_inputs(example_inputs, config.inputs)
     _check_depth_early(model, pp_size)
@@ -174,6 +209,9 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
         with record("sum_token_loss") as rec:
             token_count = sum_token_loss(segments[-1])
             rec.detail = f"head loss -> token sum; counted where target != {token_count.ignore_index}"
+    tensor_parallel_program = None
+    if config.tensor_parallel > 1:
+        tensor_parallel_program = _shard_tensor_parallel(record, captured, segments, config)
     if mlp_chunks is not None and mlp_chunks > 1:
         from .passes.mlp_chunk import chunk_mlp
 
@@ -185,19 +223,53 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
     with record("segment_cost"):
         all_params = dict(gm.named_parameters(remove_duplicate=False))
         param_bytes = {name: p.numel() * p.element_size() for name, p in all_params.items()}
+        if tensor_parallel_program is not None:  # what one tp rank holds
+            param_bytes = {name: _numel(tensor_parallel_program.local_shape(name, p.shape)) * p.element_size()
+                           for name, p in all_params.items()}
         owned: set[int] = set()  # parameter objects already counted (a tied weight has two names)
         for seg in segments:
             mine = {n for n in seg.params if id(all_params[n]) not in owned}
             owned |= {id(all_params[n]) for n in seg.params}
             seg.cost = segment_cost(seg, to_expr=captured.to_cost_expr, owned_params=mine, param_bytes=param_bytes,
-                                    document_lengths=config.document_lengths)
+                                    document_lengths=config.document_lengths,
+                                    tensor_parallel=config.tensor_parallel)
     program = HelixProgram(config=config, captured=captured, layers=layers, cuts=cuts, segments=segments,
-                           passes=record.records, token_count=token_count)
+                           passes=record.records, token_count=token_count,
+                           tensor_parallel=tensor_parallel_program)
+    if config.schedule == "auto":  # search the schedules on the compiled segments (tune.py)
+        from .tune import choose_program
+
+        return choose_program(program, memory_limit=memory_limit, **(tune or {}))
     with record("build_schedule") as rec:
         program.schedule = _build_schedule(program)
         if program.schedule is not None:
             rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions"
     return program
+
+
+def _shard_tensor_parallel(record, captured, segments, config: HelixConfig):
+    from .passes.tensor_parallel import shard_segments
+    from .passes.tensor_parallel_plan import plan_tensor_parallel
+
+    tp = config.tensor_parallel
+    with record("shard_tensor_parallel") as rec:
+        plan = plan_tensor_parallel(captured.gm, tp, captured.user_fqn, vocab_parallel=config.vocab_parallel)
+        result = shard_segments(segments, tp=tp, plan=plan, user_fqn=captured.user_fqn,
+                                to_expr=captured.to_cost_expr, sequence_parallel=config.sequence_parallel,
+                                params=dict(captured.gm.named_parameters(remove_duplicate=False)),
+                                vocab_parallel=config.vocab_parallel)
+        modes = [m for m, on in (("sequence", result.sequence_parallel), ("vocabulary", result.vocab_parallel)) if on]
+        rec.detail = (f"tp={tp}{' with ' + ' and '.join(modes) + ' parallelism' if modes else ''}: "
+                      f"{len(result.param_shards)} parameters split, {result.collectives} collectives inserted, "
+                      f"{len(result.partial_grads)} gradients summed over tp")
+    return result
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class _Note:

@@ -25,6 +25,9 @@ from ..ir.program import Segment
 from ..ir.recompute import policy_for
 from ..ir.segment import POLICIES, SegmentCost
 from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
+from ..kernels.chunked_mlp import chunked_gelu_mlp, chunked_swiglu_mlp
+from ..kernels.tensor_parallel import (sp_all_gather, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
+                                      vocab_parallel_cross_entropy)
 
 aten = torch.ops.aten
 HELIX_ATTENTION = torch.ops.helix.attention.default
@@ -154,11 +157,37 @@ def _fraction_extra(attn_frac: list[tuple[sympy.Expr, sympy.Expr]], *, always: b
     return {"attention_computed_fraction": sum((f * frac for f, frac in attn_frac), sympy.Integer(0)) / total}
 
 
+# ``passes.mlp_chunk``'s replacement nodes: one call computing the whole MLP chunk by chunk
+CHUNKED_MLPS = {chunked_gelu_mlp: (1, 3), chunked_swiglu_mlp: (1, 3, 5)}  # weight argument positions
+
+
+def _chunked_mlp_cost(n: fx.Node, sz: _Sizes) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(FLOPs of the matmuls reading the MLP input, FLOPs of the output matmul, bytes autograd
+    saves for the unchunked MLP's intermediates) of a chunked MLP node: the same GEMMs as the
+    region it replaced (fc1 + fc2, or gate + up + down), whatever the chunk count."""
+    root = n.graph.owning_module
+    shapes = [tuple(root.get_parameter(n.args[k].target).shape) for k in CHUNKED_MLPS[n.target]]
+    tokens = _prod(sz.shape(n.args[0])[:-1])
+    flops = [2 * tokens * out * inp for out, inp in shapes]  # linear weights are [out, in]
+    ffn = shapes[0][0]
+    # GeLU: fc1's output (gelu's input) and gelu's output (fc2's input); SwiGLU: gate, silu(gate),
+    # up and their product (down's input), as the unchunked ops save them
+    n_saved = 2 if n.target is chunked_gelu_mlp else 4
+    saved = n_saved * tokens * ffn * n.meta["val"].element_size()
+    return sum(flops[:-1], sympy.Integer(0)), flops[-1], saved
+
+
 def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: dict[str, int],
-                 document_lengths: tuple[int, ...] | None = None) -> SegmentCost:
+                 document_lengths: tuple[int, ...] | None = None, tensor_parallel: int = 1) -> SegmentCost:
     """Cost of one segment. ``document_lengths``: documents packed into each sequence (document
     masking); every segment with an attention then carries
-    ``extra["attention_computed_fraction"]`` (see :func:`attention_computed_fraction`)."""
+    ``extra["attention_computed_fraction"]`` (see :func:`attention_computed_fraction`).
+    ``tensor_parallel``: the graph is one tp rank's (``passes.tensor_parallel``); its
+    all-reduces over the tp group are counted in ``extra["tp_all_reduce_bytes_fwd"]`` (after
+    row-parallel matmuls) and ``["tp_all_reduce_bytes_bwd"]`` (gradients entering
+    column-parallel regions), its all-gathers and reduce-scatters (sequence parallelism) in
+    ``extra["tp_gather_bytes_fwd"]`` / ``["tp_gather_bytes_bwd"]`` (the whole tensor's bytes),
+    with ``extra["tp_size"]``."""
     sz = _Sizes(to_expr)
     gm = seg.gm
     shipped = set(seg.shipped_params)
@@ -179,7 +208,8 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
             requires_grad[n] = any(requires_grad.get(a, False) for a in ins)
             is_param[n] = n.op == "call_function" and n.target in VIEWS and bool(ins) and is_param.get(ins[0], False)
 
-    fwd = bwd_in = bwd_w = attn_f = attn_b = sympy.Integer(0)
+    fwd = bwd_in = bwd_w = attn_f = attn_b = tp_fwd = tp_bwd = sympy.Integer(0)
+    gather_fwd = gather_bwd = sympy.Integer(0)
     attn_frac: list[tuple[sympy.Expr, sympy.Expr]] = []  # (dense FLOPs, fraction computed) per attention
     saved: dict[fx.Node, sympy.Expr] = {}  # base node -> bytes kept for backward (policy none)
 
@@ -192,6 +222,17 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
         if n.op != "call_function":
             continue
         t = n.target
+        if t is tp_reduce:
+            tp_fwd += sz.nbytes(n)
+        elif t is tp_copy and requires_grad.get(n, False):
+            tp_bwd += sz.nbytes(n)
+        elif t in (sp_all_gather, sp_gather):  # the whole tensor is the output
+            gather_fwd += sz.nbytes(n)
+            if t is sp_all_gather and requires_grad.get(n, False):
+                gather_bwd += sz.nbytes(n)
+        elif t in (sp_reduce_scatter, sp_split):  # the whole tensor is the input
+            gather_fwd += sz.nbytes(n.args[0]) if t is sp_reduce_scatter else 0
+            gather_bwd += sz.nbytes(n.args[0]) if requires_grad.get(n, False) else 0
         if t in (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default):
             if t == aten.addmm.default:
                 a, b = n.args[1], n.args[2]
@@ -230,6 +271,17 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
                 save(x)
             lse_item = 4 if q.meta["val"].dtype in (torch.float16, torch.bfloat16) else q.meta["val"].element_size()
             saved.setdefault(n, sz.nbytes(q) + bq * hq * sq * lse_item)  # out + lse
+        elif t in CHUNKED_MLPS:
+            f_in, f_out, saved_mlp = _chunked_mlp_cost(n, sz)
+            x_grad = requires_grad.get(n.args[0], False)
+            fwd += f_in + f_out
+            bwd_w += f_in + f_out
+            bwd_in += f_out + (f_in if x_grad else 0)
+            save(n.args[0])
+            if n.kwargs.get("recompute", True):  # the backward reruns each chunk's forward first
+                bwd_in += f_in + f_out
+            else:  # ordinary autograd per chunk: the unchunked MLP's saved intermediates
+                saved.setdefault(("mlp_chunk", n), saved_mlp)
         elif not requires_grad.get(n, False):
             continue
         elif t == aten.layer_norm.default:
@@ -250,8 +302,8 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
                     save(b)
         elif t in (aten.softmax.int, aten._softmax.default):
             save(n)
-        elif t in (aten.cross_entropy_loss.default,):
-            saved.setdefault(n, sz.nbytes(n.args[0]))  # log-softmax of the logits
+        elif t in (aten.cross_entropy_loss.default, vocab_parallel_cross_entropy):
+            saved.setdefault(n, sz.nbytes(n.args[0]))  # (log-)softmax of the (rank's) logits
     act_in = sympy.Integer(0)
     for ph in chain_phs:
         if not is_param.get(ph, False):
@@ -277,4 +329,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
         saved_bytes={k: sympy.expand(v) for k, v in saved_bytes.items()},
         param_bytes=sympy.Integer(sum(param_bytes[p] for p in seg.params if p in owned_params)),
         out_bytes=sympy.expand(out_bytes), shipped_param_bytes=sympy.expand(ship_out),
-        extra=_fraction_extra(attn_frac, always=document_lengths is not None))
+        extra={**_fraction_extra(attn_frac, always=document_lengths is not None),
+               **({"tp_size": tensor_parallel, "tp_all_reduce_bytes_fwd": sympy.expand(tp_fwd),
+                   "tp_all_reduce_bytes_bwd": sympy.expand(tp_bwd), "tp_gather_bytes_fwd": sympy.expand(gather_fwd),
+                   "tp_gather_bytes_bwd": sympy.expand(gather_bwd)} if tensor_parallel > 1 else {})})

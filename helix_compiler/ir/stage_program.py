@@ -13,12 +13,14 @@ never ``program``, ``passes`` or sympy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from .owned_state import OwnedState
 from .schedule import Instr
+from .tensor_parallel import Sharded
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -90,6 +92,16 @@ class StageProgram:
     token_count: TokenCount | None = None
     document_inputs: tuple[str, ...] = ()  # per-token document ids the attention masks by
     padding_inputs: tuple[str, ...] = ()  # right-padding masks the attention masks by
+    owned_state: OwnedState = OwnedState()  # buffers, tied names, the full model's keys (ir.owned_state)
+    # tensor parallelism inside the stage: this program is tp rank ``tp_rank`` of ``tp_size``;
+    # its split parameters (by the user's names) hold the shard ``tp_shards[name]`` says; the
+    # graphs' collectives name their process group by ``tp_group_key``
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group_key: str | None = None
+    tp_shards: Mapping[str, Sharded] = field(default_factory=dict)
+    # owned parameters held whole whose gradient each tp rank computes a part of (summed over tp)
+    tp_partial_grads: tuple[str, ...] = ()
 
     @property
     def head(self) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import torch
 
 from . import attention as _op  # noqa: F401  (registers helix::attention)
+from .attention_autocast import autocast_inputs
 
 HELIX_ATTENTION = torch.ops.helix.attention.default
 
@@ -54,6 +55,7 @@ def attention(q, k, v, doc_ids=None, **kwargs):
         return out, lse
     out, lse = _state.cache[_state.index]
     _state.index += 1
+    q, k, v = autocast_inputs(q, k, v)  # the casts the op's autocast rule made in the forward
     return _Replay.apply(q, k, v, doc_ids, out, lse, kwargs)
 
 

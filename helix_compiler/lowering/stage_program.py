@@ -21,7 +21,10 @@ from ..errors import HelixError
 from ..ir.schedule import Instr, RankProgram
 from ..ir.segment import B, S
 from ..ir.stage_program import SharedParam, StageProgram, StageSegment
+from ..ir.tensor_parallel import Sharded
 from ..kernels import attention_replay
+from .device_neutral import make_device_neutral, neutral_token_count
+from .ownership import owned_state
 
 HELIX_ATTENTION = torch.ops.helix.attention.default
 aten = torch.ops.aten
@@ -29,8 +32,10 @@ RUNNABLE_OPS = ("F", "B", "R", "SEND", "RECV", "FREE")
 DEFAULT_IGNORE_INDEX = -100
 
 
-def lower_program(program) -> tuple[StageProgram, ...]:
-    """One :class:`StageProgram` per rank of ``program`` (a ``HelixProgram``)."""
+def lower_program(program, *, tp_rank: int = 0) -> tuple[StageProgram, ...]:
+    """One :class:`StageProgram` per rank of ``program`` (a ``HelixProgram``). A program
+    compiled with ``tensor_parallel > 1`` lowers for one tp rank: its segments hold that
+    rank's shard of every split parameter (``ir.tensor_parallel.Sharded``)."""
     cfg, sched = program.config, program.schedule
     if sched is None:
         raise HelixError("lower_program: the program has no schedule")
@@ -45,7 +50,8 @@ def lower_program(program) -> tuple[StageProgram, ...]:
     head = chain[-1]
     out_specs = {s.name: tuple((tuple(int(sympy.sympify(d).subs(env)) for d in shape), dtype)
                                for shape, dtype in s.output_meta) for s in program.segments}
-    run_segments = {s.name: _stage_segment(s, out_specs[s.name]) for s in program.segments}
+    shards = TensorParallelShards(program, tp_rank)
+    run_segments = {s.name: _stage_segment(s, out_specs[s.name], shards) for s in program.segments}
     splits = [split_point(p, head) for p in sched.programs]
     forward_first = all(_all_forward_first(p, head, k) for p, k in zip(sched.programs, splits, strict=True))
     head_rank = next(p.rank for p in sched.programs if any(i.op == "F" and i.seg == head for i in p))
@@ -56,6 +62,7 @@ def lower_program(program) -> tuple[StageProgram, ...]:
             holders.setdefault(n, []).append(r)
     params = dict(program.captured.module.named_parameters())  # first name of each tied weight
     fqn = program.captured.user_fqn
+    originals, params = params, {n: shards.value(p) for n, p in params.items()}
     shared = {fqn(n): SharedParam(tuple(rs), tuple(params[n].shape), params[n].dtype)
               for n, rs in sorted(holders.items()) if len(rs) > 1}
     vocab, ignore_index = _token_ranges(program)
@@ -75,6 +82,7 @@ def lower_program(program) -> tuple[StageProgram, ...]:
             instrs=tuple(prog.instrs), forward_only=forward_only(prog), split=split,
             forward_first=forward_first, chain=chain,
             segments={n: run_segments[n] for n in chain if n in runs}, recv_specs=recv_specs,
+            owned_state=owned_state(program, {n: run_segments[n] for n in chain if n in runs}),
             params={fqn(n): params[n] for n in owned},
             shared=shared,
             head_rank=head_rank,
@@ -82,7 +90,8 @@ def lower_program(program) -> tuple[StageProgram, ...]:
             num_microbatches=cfg.num_microbatches, micro_batch_size=cfg.micro_batch_size,
             seq_len=cfg.seq_len, input_names=tuple(program.captured.input_names),
             vocab_size=vocab, ignore_index=ignore_index, fingerprint=fingerprint,
-            token_count=program.token_count, **_document_inputs(program)))
+            token_count=neutral_token_count(program.token_count), **_document_inputs(program),
+            **shards.stage_fields({fqn(n): originals[n] for n in owned})))
     return tuple(out)
 
 
@@ -126,9 +135,10 @@ def forward_only(program: RankProgram) -> tuple[Instr, ...]:
 
 
 # ------------------------------------------------------------------------------ segments
-def _stage_segment(seg, output_specs) -> StageSegment:
-    gm = _copy(seg.gm)
+def _stage_segment(seg, output_specs, shards: TensorParallelShards) -> StageSegment:
+    gm = _copy(seg.gm, shards.root(seg.gm))
     route_attention(gm)
+    make_device_neutral(gm)  # a meta- or CPU-captured graph runs on the rank's device
     uses_rng = any(_is_random(n) for n in gm.graph.nodes)
     eval_gm = without_dropout(gm) if uses_rng else gm
     return StageSegment(name=seg.name, kind=seg.spec.kind, gm=gm, eval_gm=eval_gm,
@@ -136,11 +146,12 @@ def _stage_segment(seg, output_specs) -> StageSegment:
                         uses_rng=uses_rng)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new graph over the same parameters (the compiled program's graph stays as it is)."""
+def _copy(gm: fx.GraphModule, root=None) -> fx.GraphModule:
+    """A new graph over the same parameters (the compiled program's graph stays as it is),
+    or over ``root``'s (a dict of attribute values: one tp rank's shards)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
-    new = fx.GraphModule(gm, graph)
+    new = fx.GraphModule(gm if root is None else root, graph, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     return new
 
@@ -182,6 +193,56 @@ def without_dropout(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 # ------------------------------------------------------------------------------ parameters
+class TensorParallelShards:
+    """One tp rank's parameters: its shard of every split parameter (one new Parameter per
+    parameter object, whichever name a graph uses for it, shared by every segment and rank
+    program), the others as they are. Without tensor parallelism everything is the user's
+    own objects."""
+
+    def __init__(self, program, tp_rank: int):
+        self.tp = program.tensor_parallel
+        self.rank = tp_rank
+        self.local: dict[int, torch.Tensor] = {}
+        self.split: dict[int, Sharded] = {}  # id(parameter) -> its split
+        self.partial: set[int] = set()  # id(parameter) of those whose gradients are summed over tp
+        if self.tp is not None:
+            if not 0 <= tp_rank < self.tp.tp:
+                raise HelixError(f"tp_rank={tp_rank} is not a rank of tp={self.tp.tp}")
+            gm = program.captured.gm
+            self.split = {id(gm.get_parameter(n)): sh for n, sh in self.tp.param_shards.items()}
+            self.partial = {id(gm.get_parameter(n)) for n in self.tp.partial_grads}
+
+    def value(self, p: torch.Tensor) -> torch.Tensor:
+        sh = self.split.get(id(p))
+        if sh is None:
+            return p
+        if id(p) not in self.local:
+            piece = sh.local(p.detach(), self.rank, self.tp.tp).clone()
+            self.local[id(p)] = torch.nn.Parameter(piece, requires_grad=p.requires_grad)
+        return self.local[id(p)]
+
+    def root(self, gm: fx.GraphModule):
+        if self.tp is None:
+            return None
+        targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        return {t: self.value(_attr(gm, t)) for t in targets}
+
+    def stage_fields(self, owned: dict[str, torch.Tensor]) -> dict:
+        """``owned``: the rank's parameters by the user's names (the user's objects)."""
+        if self.tp is None:
+            return {}
+        return {"tp_size": self.tp.tp, "tp_rank": self.rank, "tp_group_key": self.tp.group_key,
+                "tp_shards": {n: self.split[id(p)] for n, p in owned.items() if id(p) in self.split},
+                "tp_partial_grads": tuple(sorted(n for n, p in owned.items() if id(p) in self.partial))}
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _params_on(program, prog: RankProgram) -> list[str]:
     """Canonical names (first name of each parameter object) of the parameters a rank uses."""
     gm = program.captured.gm

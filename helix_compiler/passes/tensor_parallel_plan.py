@@ -9,9 +9,10 @@ rank holds. Per layer, from the tagged graph:
 * the first matmul after the attention (the output projection) is row-parallel;
 * of the MLP's matmuls, one whose result feeds another matmul of the layer (gate, up, fc) is
   column-parallel, one whose result does not (down, proj) is row-parallel;
-* everything else (norms, the row-parallel matmuls' biases, embedding and head) is
-  replicated: the vocabulary-parallel embedding and cross-entropy are not planned yet, and the
-  plan states what the replicated embedding/head cost per rank.
+* with ``vocab_parallel``, the token embedding and the head's weight are split by vocabulary
+  rows (the head column-parallel: each rank computes its slice of the logits);
+* everything else (norms, the row-parallel matmuls' biases, and without ``vocab_parallel``
+  the embedding and head) is replicated; the plan states what that costs per rank.
 
 GQA: K/V heads are split when ``tp`` divides their number; with fewer K/V heads than ranks
 (``tp % kv_heads == 0``) each K/V head is replicated on ``tp / kv_heads`` ranks, as Megatron
@@ -74,8 +75,8 @@ class TensorParallelPlan:
                          f"{str(list(p.shape)):>16} -> {list(p.shard)}")
         sharded, replicated = self.bytes_per_rank(4)
         lines.append(f"per tp rank (fp32): {sharded / 2**20:.2f} MiB sharded, {replicated / 2**20:.2f} MiB "
-                     f"replicated (norms, biases after row-parallel matmuls, embedding and head: "
-                     f"vocabulary-parallel embedding/cross-entropy not planned yet)")
+                     f"replicated (norms, biases after row-parallel matmuls"
+                     f"{'' if any(p.role.endswith('vocab head') for p in self.params) else ', embedding and head'})")
         return "\n".join(lines)
 
 
@@ -120,8 +121,10 @@ def _reaches(src: fx.Node, targets: set[fx.Node]) -> bool:
     return False
 
 
-def plan_tensor_parallel(gm: fx.GraphModule, tp: int, user_fqn=lambda n: n) -> TensorParallelPlan:
-    """The layout of ``gm`` (a captured graph after ``tag_layers``) over ``tp`` ranks."""
+def plan_tensor_parallel(gm: fx.GraphModule, tp: int, user_fqn=lambda n: n, *,
+                         vocab_parallel: bool = False) -> TensorParallelPlan:
+    """The layout of ``gm`` (a captured graph after ``tag_layers``) over ``tp`` ranks.
+    ``vocab_parallel``: the token embedding and the head split by vocabulary rows too."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise HelixError(f"tp={tp!r} must be a positive integer")
     attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == HELIX_ATTENTION]
@@ -160,17 +163,59 @@ def plan_tensor_parallel(gm: fx.GraphModule, tp: int, user_fqn=lambda n: n) -> T
         for n in post[1:]:
             feeds = _reaches(n, mlp - {n})
             _shard(planned, n, layer, "column mlp-in" if feeds else "row mlp-out", tp)
+    if vocab_parallel:
+        _plan_vocabulary(gm, planned, tp)
     out: dict[str, ParamShard] = {}
     seen: set[int] = set()  # a tied weight is planned once, under its first name
+    by_object = {id(gm.get_parameter(name)): got for name, got in planned.items()}  # (under any of its names)
     for name, p in gm.named_parameters(remove_duplicate=False):
         fqn = user_fqn(name)
         if id(p) not in seen:
             seen.add(id(p))
-            got = planned.get(name)
+            got = by_object.get(id(p))
             shape = tuple(p.shape)
             out[fqn] = (ParamShard(fqn, got.layer, got.role, got.shape, got.shard) if got is not None
                         else ParamShard(fqn, None, "replicated", shape, shape))
     return TensorParallelPlan(tp, heads, kv_heads, kv_replicas, tuple(out.values()))
+
+
+def _plan_vocabulary(gm: fx.GraphModule, planned: dict[str, ParamShard], tp: int) -> None:
+    """Split the token embedding (the table ``input_ids`` index) and the head's weight by
+    vocabulary rows (the head column-parallel: each rank computes its slice of the logits)."""
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target == aten.embedding.default and n.args[0].op == "get_attr" and _depends_on(n.args[1], ids):
+            w = n.args[0]
+            shape = tuple(gm.get_parameter(w.target).shape)
+            _check_vocabulary(w.target, shape[0], tp)
+            planned[w.target] = ParamShard(w.target, None, "vocab embedding", shape, (shape[0] // tp, *shape[1:]))
+        elif n.meta.get(meta.ROLE) == "head" and _weight(n) is not None:
+            w = _weight(n)
+            shape = tuple(gm.get_parameter(w.target).shape)
+            _check_vocabulary(w.target, shape[WEIGHT_OUT_DIM[n.target]], tp)
+            _shard(planned, n, None, "column vocab head", tp)
+
+
+def _check_vocabulary(name: str, rows: int, tp: int) -> None:
+    if rows % tp:
+        raise UnsupportedModelError(
+            f"the vocabulary of {name} ({rows} rows) does not split over tp={tp}: pad it to a multiple of "
+            f"{tp} (e.g. Hugging Face's model.resize_token_embeddings({-(-rows // tp) * tp})) or pass "
+            f"vocab_parallel=False (embedding and head replicated: every tp rank computes the whole logits)")
+
+
+def _depends_on(node, source) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if isinstance(n, fx.Node) and n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def _projection(node: fx.Node, attn: fx.Node) -> str:
@@ -191,7 +236,8 @@ def _shard(planned: dict[str, ParamShard], node: fx.Node, layer: int, role: str,
     out_dim = WEIGHT_OUT_DIM[node.target] if len(shape) == 2 else 0
     dim = out_dim if role.startswith("column") else 1 - out_dim
     if shape[dim] % ranks:
-        raise UnsupportedModelError(f"layer {layer}: {w.target} {list(shape)} cannot be split {ranks} ways along "
+        raise UnsupportedModelError(f"{'head' if layer is None else f'layer {layer}'}: {w.target} {list(shape)} "
+                                    f"cannot be split {ranks} ways along "
                                     f"dimension {dim} ({role}); use a tp that divides {shape[dim]}")
     shard = tuple(s // ranks if d == dim else s for d, s in enumerate(shape))
     planned[w.target] = ParamShard(w.target, layer, role, shape, shard)

@@ -29,6 +29,7 @@ from ..ir.recompute import part_rule
 from ..ir.schedule import RECV_LOOKAHEAD, Instr
 from ..ir.stage_program import StageProgram, StageSegment
 from ..kernels import attention_replay
+from .precision import autocast_off, autocast_region, autocast_state
 
 # hook(instr, start, end): called after every instruction with perf_counter times
 InstrHook = Callable[[Instr, float, float], None]
@@ -102,6 +103,8 @@ class Executor:
         self.loss_divisor = float(program.num_microbatches)  # the step's loss = sum of head outputs / this
         self.training = True
         self.forward_only = False
+        self.recv_specs = program.recv_specs  # the step's (other dtypes under autocast)
+        self.amp = None  # the step's autocast state, re-entered for its forwards (precision)
         # Receives are posted up to `recv_lookahead` RECVs ahead of the one being waited for, in
         # program order (which keeps the per-pair FIFO order); see ir.schedule.RECV_LOOKAHEAD.
         self.recv_lookahead = recv_lookahead
@@ -116,7 +119,7 @@ class Executor:
 
     # -------------------------------------------------------------------------------- driving
     def begin(self, inputs: list[dict[str, torch.Tensor]], *, forward_only: bool = False,
-              grad_scale: float = 1.0, loss_divisor: float | None = None) -> None:
+              grad_scale: float = 1.0, loss_divisor: float | None = None, recv_specs=None) -> None:
         """Start a step over ``inputs`` (one dict of user inputs per micro batch). The step's
         loss is the sum of the head's outputs over the micro batches divided by
         ``loss_divisor`` (default: the number of micro batches, a mean of means; the step's
@@ -128,6 +131,8 @@ class Executor:
         self.grad_scale = grad_scale
         self.loss_divisor = float(self.program.num_microbatches if loss_divisor is None else loss_divisor)
         self.forward_only = forward_only
+        self.recv_specs = recv_specs if recv_specs is not None else self.program.recv_specs
+        self.amp = autocast_state()
         self._instrs = self.program.forward_only if forward_only else self.program.instrs
         self._recv_at = [k for k, i in enumerate(self._instrs) if i.op == "RECV"]
         self._recv_pos = {k: n for n, k in enumerate(self._recv_at)}
@@ -140,7 +145,8 @@ class Executor:
             instr = instrs[k]
             t0 = time.perf_counter()
             try:
-                with torch.profiler.record_function(str(instr)):
+                with torch.profiler.record_function(str(instr)), \
+                        (autocast_region(self.amp) if instr.op != "B" else autocast_off()):
                     if instr.op == "RECV":
                         self._receive(k, instr)
                     else:
@@ -244,7 +250,7 @@ class Executor:
 
     def _post(self, k: int) -> None:
         i = self._instrs[k]
-        specs = self.program.recv_specs[(i.value, i.seg)]
+        specs = self.recv_specs[(i.value, i.seg)]
         self._posted[k] = self.transport.recv(specs, i.peer, fold=i.fold, tag=f"{i.value} {i.seg} m{i.mb}")
 
     def _receive(self, k: int, i: Instr) -> None:

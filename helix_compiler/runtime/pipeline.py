@@ -30,6 +30,8 @@ from .batch_checks import DEFAULT_INPUTS, check_documents
 from .data_parallel import GradientReducer
 from .executor import Executor, InstrHook
 from .fingerprint import agree, tensor_hash
+from .precision import step_recv_specs
+from .state_dict import load_owned_state_dict, rebind_owned, register_owned
 
 
 class _PipelineLoss(torch.autograd.Function):
@@ -47,7 +49,7 @@ class _PipelineLoss(torch.autograd.Function):
 class HelixPipeline(torch.nn.Module):
     def __init__(self, stages: tuple[StageProgram, ...], *, rank: int, transport, schedule: Schedule | None = None,
                  hooks: tuple[InstrHook, ...] = (), record_trace: bool = False, check_batch: bool = True,
-                 dp_transport=None):
+                 dp_transport=None, tp_transport=None):
         super().__init__()
         self.stages, self.rank, self.transport = stages, rank, transport
         self.stage = stages[rank]
@@ -57,28 +59,48 @@ class HelixPipeline(torch.nn.Module):
         self.dp_transport = dp_transport
         self.dp_size = dp_transport.world_size if dp_transport is not None else 1
         self.reducer = GradientReducer(self.stage, dp_transport) if self.dp_size > 1 else None
+        # tensor parallelism: the other ranks of this stage, each holding its shard of the split
+        # parameters and the same copy of the others; all are given the same batch
+        self.tp_transport = tp_transport
+        self.tp_size = self.stage.tp_size
+        if (tp_transport.world_size if tp_transport is not None else 1) != self.tp_size:
+            raise HelixError(f"the stage program was lowered for tp={self.tp_size} but the tp group has "
+                             f"{tp_transport.world_size if tp_transport is not None else 1} ranks")
         if self.reducer is not None:
             hooks = (*hooks, self.reducer.hook)
         self.executor = Executor(self.stage, transport=transport, hooks=hooks, record_trace=record_trace)
         self.head_rank = self.stage.head_rank
         self._params = dict(self.stage.params)
+        register_owned(self, self.stage)  # owned tensors as attributes under the user's names
         self._pending_backward = False
         self._broken: str | None = None
         self._steps = 0
         self._grad_before: dict[str, torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------------ parameters
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in self._params.items():
-            yield prefix + name, p
+    # named_parameters / state_dict / to are nn.Module's own over the registered tensors
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """This rank's entries, or a whole model's state dict (other ranks' keys are ignored;
+        a missing owned key is an error that names it), by the user's names."""
+        return load_owned_state_dict(self, state_dict, strict=strict, assign=assign)
 
-    def state_dict(self, *args, **kwargs):
-        return {fqn: p.detach() for fqn, p in self.named_parameters()}
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        rebind_owned(self)  # buffers (and swapped parameters) are new objects: the graphs follow
+        return out
 
     def gather_state_dict(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
-        """The full model's parameters (original names) on rank ``dst``, None elsewhere.
-        A collective: every rank must call it."""
-        parts = self.transport.gather_objects({k: v.clone() for k, v in self.state_dict().items()}, dst=dst)
+        """The full model's parameters (original names) on pipeline rank ``dst`` (of tp rank 0),
+        None elsewhere. A collective: every rank must call it."""
+        mine = {k: v.clone() for k, v in self.state_dict().items()}
+        if self.tp_size > 1:  # put the split parameters back together on tp rank 0
+            pieces = self.tp_transport.gather_objects(mine, dst=0)
+            mine = {} if pieces is None else {
+                k: (self.stage.tp_shards[k].unshard([p[k] for p in pieces]) if k in self.stage.tp_shards else v)
+                for k, v in mine.items()}
+        parts = self.transport.gather_objects(mine, dst=dst)
+        if self.tp_size > 1 and self.stage.tp_rank != 0:
+            return None
         if parts is None:
             return None
         full: dict[str, torch.Tensor] = {}
@@ -93,15 +115,23 @@ class HelixPipeline(torch.nn.Module):
         and this rank's gradients scaled by ``max_norm / (norm + 1e-6)`` when that is below 1.
         A collective over the pipeline group: every rank must call it."""
         norm_type = float(norm_type)
+        tp_first = self.stage.tp_rank == 0  # a parameter every tp rank holds whole is counted on one
         mine = [p.grad for n, p in self._params.items() if p.grad is not None
-                and (n not in self.stage.shared or self.rank == min(self.stage.shared[n].holders))]
+                and (n not in self.stage.shared or self.rank == min(self.stage.shared[n].holders))
+                and (tp_first or n in self.stage.tp_shards)]
         dtype = torch.float64
         if norm_type == float("inf"):
             local = max((g.detach().abs().max().to(dtype) for g in mine), default=torch.zeros((), dtype=dtype))
-            total = self.transport.all_reduce_(local.reshape(1).clone(), "max", what="gradient norm (inf)")[0]
+            local = local.reshape(1).clone()
+            if self.tp_size > 1:
+                self.tp_transport.all_reduce_(local, "max", what="gradient norm (inf) over tp")
+            total = self.transport.all_reduce_(local, "max", what="gradient norm (inf)")[0]
         else:
             local = sum((g.detach().to(dtype).abs().pow(norm_type).sum() for g in mine), torch.zeros((), dtype=dtype))
-            total = self.transport.all_reduce_(local.reshape(1).clone(), what=f"gradient norm ({norm_type:g})")[0]
+            local = local.reshape(1).clone()
+            if self.tp_size > 1:
+                self.tp_transport.all_reduce_(local, what=f"gradient norm ({norm_type:g}) over tp")
+            total = self.transport.all_reduce_(local, what=f"gradient norm ({norm_type:g})")[0]
             total = total.pow(1.0 / norm_type)
         coef = float(max_norm) / (float(total) + 1e-6)
         if coef < 1.0:
@@ -202,9 +232,11 @@ class HelixPipeline(torch.nn.Module):
             h += (tokens,)
             what += (" and " if what else "") + "the step's counted loss tokens"
         if h:
-            agree(self.transport, h, what=what,
-                  fix="every rank must call pipe() with the same batch; pass check_batch=False to helix_compile "
-                      "to skip the batch hash")
+            fix = ("every rank must call pipe() with the same batch; pass check_batch=False to helix_compile "
+                   "to skip the batch hash")
+            agree(self.transport, h, what=what, fix=fix)
+            if self.tp_size > 1:
+                agree(self.tp_transport, h, what=what + " over the tp ranks of a stage", fix=fix)
 
     def _count_tokens(self, inputs: list[dict[str, torch.Tensor]]) -> int | None:
         """The step's counted loss tokens (labels the loss does not ignore), or None when the
@@ -246,7 +278,7 @@ class HelixPipeline(torch.nn.Module):
         try:
             ex = self.executor
             divisor = tokens if tokens is not None else st.num_microbatches * self.dp_size
-            ex.begin(inputs, forward_only=evaluating, loss_divisor=divisor)
+            ex.begin(inputs, forward_only=evaluating, loss_divisor=divisor, recv_specs=step_recv_specs(self))
             if self.reducer is not None and not evaluating:
                 self.reducer.begin()
             self._steps += 1
@@ -257,7 +289,7 @@ class HelixPipeline(torch.nn.Module):
                 return value.to(self._loss_dtype())
             # shared parameters all-reduce only this step's gradient (users may accumulate)
             self._grad_before = {n: (self._params[n].grad.clone() if self._params[n].grad is not None else None)
-                                 for n in st.shared if n in self._params}
+                                 for n in (*st.shared, *st.tp_partial_grads) if n in self._params}
             if st.forward_first:
                 ex.run(0, st.split)
                 self._pending_backward = True
@@ -340,12 +372,28 @@ class HelixPipeline(torch.nn.Module):
             p.grad = step if before is None else before + step
         if self.reducer is not None:
             self.reducer.finish()
+        # parameters every tp rank holds whole but uses on its part of the activations (norms
+        # under sequence parallelism): each rank's gradient is a part of the sum
+        for name in self.stage.tp_partial_grads:
+            p = self._params[name]
+            before = self._grad_before.get(name)
+            step = torch.zeros_like(p) if p.grad is None else (p.grad - before if before is not None else p.grad.clone())
+            self.tp_transport.all_reduce_(step, what=f"gradient sum of {name} over tp, step {self._steps}")
+            p.grad = step if before is None else before + step
 
     def check_consistent(self) -> None:
         """Once, before the first step (``helix_compile`` calls it): every rank compiled the
         same program, and every parameter used on several ranks starts equal on them."""
-        agree(self.transport, (int(self.stage.fingerprint, 16) & (2**63 - 1),), what="the compiled program",
-              fix="compile the same model with the same options (num_microbatches, seq_len, ...) on every rank")
+        compiled = (int(self.stage.fingerprint, 16) & (2**63 - 1),)
+        fix = "compile the same model with the same options (num_microbatches, seq_len, ...) on every rank"
+        agree(self.transport, compiled, what="the compiled program", fix=fix)
+        if self.tp_size > 1:
+            agree(self.tp_transport, compiled, what="the compiled program (tp ranks)", fix=fix)
+            whole = [n for n in self._params if n not in self.stage.tp_shards]
+            if whole:
+                agree(self.tp_transport, tuple(tensor_hash(self._params[n]) for n in whole),
+                      what=f"the initial values of the {len(whole)} parameters every tp rank holds whole",
+                      fix="initialize the model identically on every rank (same seed) or load the same checkpoint")
         for name, shared in self.stage.shared.items():
             p = self._params.get(name)
             h = (tensor_hash(p),) if p is not None else (0,)

@@ -9,7 +9,13 @@ Durations of one segment for one micro batch on a device (``dtype`` picks the pe
   windowed attention and packed documents, else ``attention_causal_factor``, a causal
   kernel skipping the masked half), at ``peak * attention_fraction``;
 * optional memory-bound part: ``extra["mem_bytes_fwd"]`` / ``extra["mem_bytes_bwd"]`` bytes at
-  the HBM bandwidth, when the cost model provides them.
+  the HBM bandwidth, when the cost model provides them;
+* tensor parallelism (``extra["tp_size"]`` > 1): the tp group's all-reduces
+  (``extra["tp_all_reduce_bytes_fwd"]`` / ``_bwd``) as ring all-reduces over the device's
+  intra-node links, ``2 (tp - 1) / tp`` of the bytes each way, its all-gathers and
+  reduce-scatters (``extra["tp_gather_bytes_*"]``, sequence parallelism) ``(tp - 1) / tp``,
+  not overlapped with compute (they sit between the matmuls that need them); a
+  recomputation reruns the forward's.
 
 ``F`` uses the forward FLOPs, ``B`` the backward, ``I`` / ``W`` the input- / weight-gradient
 shares (attention backward counts as input gradient), ``R`` the recompute FLOPs of the
@@ -120,16 +126,17 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
         bi, bwt = num(c.flops_bwd_input), num(c.flops_bwd_weight)
         mem_f = num(c.extra.get("mem_bytes_fwd", 0)) / bw
         mem_b = num(c.extra.get("mem_bytes_bwd", 0)) / bw
-        fields["fwd"].append((f - a_f) / mm + a_f * cf / at + mem_f)
-        fields["bwd"].append((b - a_b) / mm + a_b * cf / at + mem_b)
-        fields["bwd_input"].append(max(bi - a_b, 0.0) / mm + a_b * cf / at + mem_b / 2)
+        tp_f, tp_b = _tp_all_reduce_seconds(c, device, num)
+        fields["fwd"].append((f - a_f) / mm + a_f * cf / at + mem_f + tp_f)
+        fields["bwd"].append((b - a_b) / mm + a_b * cf / at + mem_b + tp_b)
+        fields["bwd_input"].append(max(bi - a_b, 0.0) / mm + a_b * cf / at + mem_b / 2 + tp_b)
         fields["bwd_weight"].append(bwt / mm + mem_b / 2)
         if recompute not in c.recompute_flops and recompute != "none":
             raise HelixError(f"segment {k}: its SegmentCost has no recompute_flops for policy "
                              f"{recompute!r} (it has {sorted(c.recompute_flops)})")
         rf = num(c.recompute_flops.get(recompute, 0))
         ra = min(rf, a_f) if policy_for(recompute, specs[k].kind).reruns_attention else 0.0
-        fields["recompute"].append((rf - ra) / mm + ra * cf / at)
+        fields["recompute"].append((rf - ra) / mm + ra * cf / at + (tp_f if rf > 0 else 0.0))
         if recompute not in c.saved_bytes:
             raise HelixError(f"segment {k}: its SegmentCost has no saved_bytes for policy "
                              f"{recompute!r} (it has {sorted(c.saved_bytes)})")
@@ -142,6 +149,21 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
         counts_inputs = policy_for(recompute, specs[k].kind).stash in (STASH_INPUTS, STASH_INPUTS_ATTENTION)
         fields["shipped_saved"].append(fields["shipped_bytes"][k - 1] if k > 0 and counts_inputs else 0.0)
     return OpTimes(**{k: tuple(v) for k, v in fields.items()})
+
+
+def _tp_all_reduce_seconds(cost: SegmentCost, device: DeviceSpec, num) -> tuple[float, float]:
+    tp = int(cost.extra.get("tp_size", 1))
+    if tp <= 1:
+        return 0.0, 0.0
+    share = (tp - 1) / tp / device.intra_node_bandwidth
+    lat = (tp - 1) * device.intra_node_latency  # ring steps of one all-gather / reduce-scatter
+
+    def seconds(direction: str) -> float:
+        reduce = num(cost.extra[f"tp_all_reduce_bytes_{direction}"])
+        gather = num(cost.extra.get(f"tp_gather_bytes_{direction}", 0))
+        return (2 * reduce + gather) * share + (2 * lat if reduce else 0.0) + (lat if gather else 0.0)
+
+    return seconds("fwd"), seconds("bwd")
 
 
 def unit_device(*, bandwidth: float = float("inf"), latency: float = 0.0) -> DeviceSpec:

@@ -94,13 +94,31 @@ class SimResult:
     def peak_memory_bytes(self) -> list[float]:
         return [max((b for _, b in tl), default=0.0) for tl in self.memory_timeline]
 
+    @property
+    def rank_memory(self) -> list | None:
+        """Per rank ``sim.memory.RankMemory`` (activations + parameters + gradients + optimizer
+        state) when the result came from ``HelixProgram.simulate`` (or the schedule search);
+        None for a bare schedule simulation, which knows no parameters."""
+        return self.meta.get("rank_memory")
+
+    @property
+    def total_peak_memory_bytes(self) -> list[float] | None:
+        """Per rank total peak bytes (see :attr:`rank_memory`), or None."""
+        mem = self.rank_memory
+        return None if mem is None else [m.total for m in mem]
+
     def memory_warnings(self, memory_bytes: float | None = None) -> list[str]:
-        """One line per rank whose peak activation memory exceeds ``memory_bytes`` (default:
-        the simulated device's memory; none when it is unknown, i.e. not > 0 or infinite).
-        Activations only: parameters, gradients and optimizer state would come on top."""
+        """One line per rank whose peak memory exceeds ``memory_bytes`` (default: the simulated
+        device's memory; none when it is unknown, i.e. not > 0 or infinite): the total of
+        :attr:`rank_memory` when known, else activations only (parameters, gradients and
+        optimizer state would come on top)."""
         limit = self.meta.get("device_memory_bytes") if memory_bytes is None else memory_bytes
         if limit is None or not 0 < limit < math.inf:
             return []
+        if self.rank_memory is not None:
+            return [f"rank {r}: peak memory {m.describe()} would exceed the {self.device_name or 'device'}'s "
+                    f"{limit / 1e9:.3f} GB of memory"
+                    for r, m in enumerate(self.rank_memory) if m.total > limit]
         return [f"rank {r}: peak activations {peak / 1e9:.3f} GB exceed the {self.device_name or 'device'}'s "
                 f"{limit / 1e9:.3f} GB of memory (before parameters, gradients and optimizer state)"
                 for r, peak in enumerate(self.peak_memory_bytes) if peak > limit]
@@ -130,6 +148,8 @@ class SimResult:
         for r in range(self.num_stages):
             lines.append(f"  rank {r}: busy {self.busy[r]:.6g} s, idle {self.idle[r]:.6g} s, "
                          f"peak activations {self.peak_memory_bytes[r] / gb:.3f} GB")
+            if self.rank_memory is not None:
+                lines.append(f"          peak memory {self.rank_memory[r].describe()}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ outputs

@@ -48,8 +48,14 @@ def _worker(rank: int, cfg: dict) -> dict:
     M = 2 * cfg["pp"]
     pipe = helix_compile(model, cfg["pp"], SEQ, num_microbatches=M, mesh=mesh, timeout=60,
                          schedule=cfg.get("schedule", "helix"), num_folds=2 if cfg.get("schedule", "helix") == "helix" else 1)
-    opt = torch.optim.SGD(list(pipe.parameters()), lr=0.05)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    if cfg.get("zero"):  # Adam state sharded over dp (ZeRO-1)
+        from helix_compiler import sharded_optimizer
+
+        opt = sharded_optimizer(pipe, torch.optim.AdamW, lr=0.01)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(list(pipe.parameters()), lr=0.05)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     hf = cfg["arch"].startswith("hf_")
     fn = adapt_model(ref)
     ref_params = dict(ref.named_parameters())
@@ -85,6 +91,12 @@ def _worker(rank: int, cfg: dict) -> dict:
         assert sorted(full) == sorted(ref_params)
         for name, value in full.items():
             assert torch.allclose(value, ref_params[name].detach(), rtol=RTOL, atol=ATOL), name
+    if cfg.get("zero"):
+        from helix_compiler.runtime.zero import optimizer_state_bytes
+
+        mine = optimizer_state_bytes(opt)
+        whole = sum(2 * p.numel() * p.element_size() for p in pipe.parameters())  # Adam's two moments
+        out["state_share"] = mine / whole
     out["owned"] = sorted(n for n, _ in pipe.named_parameters())
     out["all"] = sorted(ref_params)
     return out
@@ -94,6 +106,7 @@ CASES = {
     "llama-helix": ("llama", ("dp", "pp"), {}),  # GQA, mean of micro-batch means over the whole mesh
     "hf_gpt2-tied-tokens": ("hf_gpt2", ("pp", "dp"), {}),  # tied embedding/head on two pipeline ranks
     "llama-1f1b-accumulate": ("llama", ("dp", "pp"), {"calls": 2, "schedule": "1f1b"}),
+    "llama-zero1-adamw": ("llama", ("dp", "pp"), {"zero": True}),  # optimizer state sharded over dp
 }
 
 
@@ -111,6 +124,9 @@ def test_pp2_dp2_parity(arch, dims, extra):
             assert got == pytest.approx(want, rel=1e-9)
     assert set().union(*(r["owned"] for r in results)) == set(results[0]["all"])
     assert len({r["losses"][0] for r in results}) == 1  # every rank of the mesh returns the same loss
+    if extra.get("zero"):  # each dp rank keeps about half of its pipeline rank's Adam state
+        for r in results:
+            assert 0.2 < r["state_share"] < 0.8, r["state_share"]
 
 
 def _checks_worker(rank: int) -> dict:
@@ -124,7 +140,7 @@ def _checks_worker(rank: int) -> dict:
     for name, call in {
         "pp size": lambda: helix_compile(_model("llama"), 4, SEQ, mesh=mesh),
         "not a mesh": lambda: helix_compile(_model("llama"), 2, SEQ, mesh="pp2"),
-        "tp": lambda: helix_compile(_model("llama"), 2, SEQ,
+        "tp": lambda: helix_compile(_model("llama"), 2, SEQ, mlp_chunks=2,
                                     mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))),
     }.items():
         try:
@@ -157,7 +173,7 @@ def test_mesh_errors_scaled_loss_under_1f1b_and_the_global_norm_without_dp():
     for r in spawn_ranks(_checks_worker, 4, timeout=240):
         assert "pp_size=4 but mesh['pp'] has 2 ranks" in r["pp size"]
         assert "must be a torch.distributed.device_mesh.DeviceMesh" in r["not a mesh"]
-        assert "'tp' has size 2" in r["tp"]
+        assert "mlp_chunks=2 with tensor_parallel=2" in r["tp"]
         assert "gradient 0.5" in r["scaled"] and "schedule='1f1b'" in r["scaled"]
         for norm_type in (2.0, float("inf")):
             got, want = r[f"norm {norm_type}"]
@@ -176,6 +192,7 @@ def _death_worker(rank: int) -> dict:
     pipe = helix_compile(_model("llama"), 2, SEQ, num_microbatches=4, mesh=mesh, timeout=3.0)
     ids, labels = _batch(4, seed=mesh["dp"].get_local_rank())
     pipe(ids, labels).backward()  # one good step
+    torch.distributed.barrier()  # every rank is done with it: none waits on the dying rank's last messages
     if rank == 3:  # the second replica's last stage dies before step 2
         os._exit(0)
     t0 = time.monotonic()

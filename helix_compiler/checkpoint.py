@@ -1,0 +1,124 @@
+"""Training checkpoints of a pipeline with torch's own tools: ``torch.distributed.checkpoint``
+(DCP) over ``get_state_dict`` / ``set_state_dict``.
+
+Every tensor is saved under the user's name (``model.<fqn>``, ``optim.state.<fqn>.exp_avg``,
+...), whole, by the rank that owns it (a weight held by several ranks is saved once), so a
+checkpoint saved at one pipeline size loads at any other, and into the plain model in one
+process (``load_model_state``). ``save_checkpoint`` adds what an exact resume needs: the LR
+scheduler's state, the training step (the data position) and every rank's RNG states (the
+CPU generator and, on CUDA, the device's), which dropout draws from; those are restored only
+on a resume at the same world size (RNG streams do not reshard).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .errors import HelixError
+
+
+def _dcp():
+    import functools
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    # optimizer state and param-group entries keyed by parameter name: what lets a checkpoint
+    # load at another pipeline size (torchtitan saves it the same way)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    return (dcp, functools.partial(get_state_dict, options=options),
+            functools.partial(set_state_dict, options=options))
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_state(device: torch.device | None) -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, scheduler: Any = None, step: int = 0) -> None:
+    """Save model, optimizer, scheduler, ``step`` and this rank's RNG states to the DCP
+    directory ``path``. A collective: every rank of the default group calls it."""
+    dcp, get_state_dict, _ = _dcp()
+    rank, world = _rank_and_world()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(pipe, optimizer)
+    else:
+        model_sd, optim_sd = get_state_dict(pipe, [])
+    device = next((p.device for p in pipe.parameters()), None)
+    state: dict[str, Any] = {"model": model_sd, "step": torch.tensor(int(step)),
+                             "world_size": torch.tensor(world),
+                             f"rng_rank{rank}": _rng_state(device)}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dcp.save(state, checkpoint_id=os.fspath(path))
+
+
+def load_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, scheduler: Any = None, restore_rng: bool = True) -> int:
+    """Load what ``save_checkpoint`` saved into ``pipe`` (any pipeline size), ``optimizer``
+    and ``scheduler``; restore this rank's RNG states when the checkpoint was saved at this
+    world size (``restore_rng``). Returns the saved step. A collective."""
+    dcp, get_state_dict, set_state_dict = _dcp()
+    rank, world = _rank_and_world()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(pipe, optimizer)
+    else:
+        model_sd, optim_sd = get_state_dict(pipe, [])
+    state: dict[str, Any] = {"model": model_sd, "step": torch.tensor(0), "world_size": torch.tensor(0)}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dcp.load(state, checkpoint_id=os.fspath(path))
+    saved_world = int(state["world_size"])
+    if restore_rng and saved_world == world:
+        device = next((p.device for p in pipe.parameters()), None)
+        rng = {k: v.clone() for k, v in _rng_state(device).items()}
+        got = {f"rng_rank{rank}": rng}
+        dcp.load(got, checkpoint_id=os.fspath(path))
+        torch.set_rng_state(got[f"rng_rank{rank}"]["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(got[f"rng_rank{rank}"]["cuda"], device)
+    if optimizer is not None:
+        set_state_dict(pipe, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_state_dict(pipe, [], model_state_dict=state["model"], optim_state_dict={})
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load the model part of a pipeline checkpoint into the plain ``model`` (in one process,
+    no process group needed): the resharding to a single process."""
+    dcp, _, _ = _dcp()
+    seen: set[int] = set()
+    mine = {}
+    for k, v in model.state_dict().items():  # a tied tensor once, under its first name (as saved)
+        if v.is_meta:
+            raise HelixError(f"load_model_state: {k} is on the meta device; build the model on a real device "
+                             f"(or init_model(model)) before loading into it")
+        if v.untyped_storage().data_ptr() not in seen or v.numel() == 0:
+            seen.add(v.untyped_storage().data_ptr())
+            mine[k] = v
+    dcp.load({"model": mine}, checkpoint_id=os.fspath(path))  # in place: the views share the model's storage
