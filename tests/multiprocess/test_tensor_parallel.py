@@ -71,16 +71,17 @@ def _worker(rank: int, cfg: dict) -> dict:
            "sequence_parallel": "sp_reduce_scatter(" in code,
            "shipped": sum(len(c.shipped_params) for c in pipe.program.cuts)}
     for step in range(2):
-        ids, labels = _batch(dp * M, seed=100 * step, seq=seq)
-        mine = slice(dp_rank * M, (dp_rank + 1) * M)
-        loss = pipe(ids[mine], labels[mine])
-        loss.backward()
-        if hf:  # the model's own loss on the union batch: the token mean
-            ref_loss = ref(input_ids=ids, labels=labels).loss
-        else:  # the mean of every micro batch's loss, over all replicas
-            ref_loss = torch.stack([fn(ids[m:m + 1], labels[m:m + 1]) for m in range(ids.shape[0])]).mean()
-        ref_loss.backward()
-        out["losses"].append((float(loss.detach()), float(ref_loss.detach())))
+        for call in range(cfg.get("calls", 1)):  # gradient accumulation: several calls per optimizer step
+            ids, labels = _batch(dp * M, seed=100 * step + call, seq=seq)
+            mine = slice(dp_rank * M, (dp_rank + 1) * M)
+            loss = pipe(ids[mine], labels[mine])
+            loss.backward()
+            if hf:  # the model's own loss on the union batch: the token mean
+                ref_loss = ref(input_ids=ids, labels=labels).loss
+            else:  # the mean of every micro batch's loss, over all replicas
+                ref_loss = torch.stack([fn(ids[m:m + 1], labels[m:m + 1]) for m in range(ids.shape[0])]).mean()
+            ref_loss.backward()
+            out["losses"].append((float(loss.detach()), float(ref_loss.detach())))
         norm = pipe.clip_grad_norm_(0.5)
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         out["norms"].append((float(norm), float(ref_norm)))
@@ -109,7 +110,8 @@ def _worker(rank: int, cfg: dict) -> dict:
 
 
 CASES = {
-    "llama-gqa-pp2-tp2": ("llama", dict(pp=2, tp=2, dims=("pp", "tp"), layers=4)),
+    # two calls per optimizer step: the norm weights' partial gradients are summed over tp per call
+    "llama-gqa-accumulate-pp2-tp2": ("llama", dict(pp=2, tp=2, dims=("pp", "tp"), layers=4, calls=2)),
     "hf_gpt2-fused-qkv-tied-pp2-tp2": ("hf_gpt2", dict(pp=2, tp=2, dims=("tp", "pp"), layers=4)),
     "hf_llama-1f1b-pp2-tp2": ("hf_llama", dict(pp=2, tp=2, dims=("pp", "tp"), layers=2, schedule="1f1b")),
     "hf_qwen2-no-sp-pp2-tp2": ("hf_qwen2", dict(pp=2, tp=2, dims=("pp", "tp"), layers=2, sp=False)),

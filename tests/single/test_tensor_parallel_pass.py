@@ -31,10 +31,16 @@ def _calls(gm, fn):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fn]
 
 
-@pytest.mark.parametrize("sp,vocab", [(True, True), (False, True), (True, False), (False, False)],
-                         ids=("sp-vocab", "vocab", "sp", "plain"))
-@pytest.mark.parametrize("name", MODELS)
-def test_collectives_where_megatron_puts_them_and_per_rank_costs(name, sp, vocab):
+MODES = {"sp-vocab": (True, True), "vocab": (False, True), "sp": (True, False), "plain": (False, False)}
+# every mode on a model with separate q/k/v (GQA) and on one with a fused, tied, Conv1D layout;
+# the default (sequence and vocabulary parallelism) on the others
+CASES = [(n, m) for n in ("llama", "hf_gpt2_sdpa") for m in MODES] + [(n, "sp-vocab") for n in MODELS[2:]
+                                                                     if n != "hf_gpt2_sdpa"] + [("gpt", "sp-vocab")]
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_collectives_where_megatron_puts_them_and_per_rank_costs(name, mode):
+    sp, vocab = MODES[mode]
     _, ref = _compile(name, 1)
     _, prog = _compile(name, 2, sequence_parallel=sp, vocab_parallel=vocab)
     count = lambda fn: sum(len(_calls(s.gm, fn)) for s in prog.segments)  # noqa: E731
