@@ -81,48 +81,24 @@ def _part(x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
     return x.chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].contiguous()
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key):
+def _conjugate(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function ``(x, dim, key)`` running ``forward(x, dim, key)`` and, on the
+    gradient, ``backward(grad, dim, key)``."""
+
+    def fwd(ctx, x, dim, key):
         ctx.dim, ctx.key = dim, key
-        return _all_gather(x, dim, key)
+        return forward(x, dim, key)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.key), None, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.dim, ctx.key), None, None
 
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key):
-        ctx.dim, ctx.key = dim, key
-        return _reduce_scatter(x, dim, key)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.key), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _Split(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key):
-        ctx.dim, ctx.key = dim, key
-        return _part(x, dim, key)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.key), None, None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key):
-        ctx.dim, ctx.key = dim, key
-        return _all_gather(x, dim, key)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _part(grad, ctx.dim, ctx.key), None, None
+_AllGather = _conjugate("_AllGather", _all_gather, _reduce_scatter)
+_ReduceScatter = _conjugate("_ReduceScatter", _reduce_scatter, _all_gather)
+_Split = _conjugate("_Split", _part, _all_gather)
+_Gather = _conjugate("_Gather", _all_gather, _part)
 
 
 def sp_all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ..ir.segment import B, S
 from ..ir.stage_program import SharedParam, StageProgram, StageSegment
 from ..ir.tensor_parallel import Sharded
 from ..kernels import attention_replay
+from ..passes.tensor_parallel_plan import depends_on
 from .device_neutral import make_device_neutral, neutral_token_count
 from .ownership import owned_state
 
@@ -263,7 +264,7 @@ def _token_ranges(program) -> tuple[int | None, int]:
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        if vocab is None and n.target == aten.embedding.default and _depends_on(n.args[1], ids):
+        if vocab is None and n.target == aten.embedding.default and depends_on(n.args[1], ids):
             vocab = int(n.args[0].meta["val"].shape[0])
         if n.target in (aten.cross_entropy_loss.default, aten.nll_loss_forward.default, aten.nll_loss.default,
                         aten.nll_loss2d_forward.default):
@@ -282,19 +283,6 @@ def _document_inputs(program) -> dict[str, tuple[str, ...]]:
             if n.op == "call_function" and n.target == torch.ops.helix.document_ids.default]
     names = lambda k: tuple(sorted({n.args[k].name for n in docs if n.args[k] is not None}))  # noqa: E731
     return {"document_inputs": names(1), "padding_inputs": names(2)}
-
-
-def _depends_on(node, source) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n is source:
-            return True
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
 
 
 def _fingerprint(program) -> str:

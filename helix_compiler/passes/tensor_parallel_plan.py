@@ -186,7 +186,7 @@ def _plan_vocabulary(gm: fx.GraphModule, planned: dict[str, ParamShard], tp: int
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target == aten.embedding.default and n.args[0].op == "get_attr" and _depends_on(n.args[1], ids):
+        if n.target == aten.embedding.default and n.args[0].op == "get_attr" and depends_on(n.args[1], ids):
             w = n.args[0]
             shape = tuple(gm.get_parameter(w.target).shape)
             _check_vocabulary(w.target, shape[0], tp)
@@ -206,7 +206,8 @@ def _check_vocabulary(name: str, rows: int, tp: int) -> None:
             f"vocab_parallel=False (embedding and head replicated: every tp rank computes the whole logits)")
 
 
-def _depends_on(node, source) -> bool:
+def depends_on(node, source) -> bool:
+    """Does ``node``'s value come from ``source`` (through any chain of inputs)?"""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
