@@ -9,6 +9,7 @@ from .errors import CaptureError, HelixError, RuntimeFailure, ScheduleError, Uns
 from .kernels import attention as _attention  # noqa: F401  (registers torch.ops.helix.attention)
 from .load import load_pretrained
 from .program import HelixProgram, compile_program
+from .runtime.master_weights import master_weight_optimizer
 from .runtime.materialize import init_model
 from .runtime.pipeline import HelixPipeline
 from .runtime.zero import sharded_optimizer
@@ -17,4 +18,4 @@ _register_backend()
 
 __all__ = ["CaptureError", "HelixConfig", "HelixError", "HelixPipeline", "HelixProgram", "RuntimeFailure",
            "ScheduleError", "UnsupportedModelError", "compile_program", "helix_compile", "init_model",
-           "load_pretrained", "sharded_optimizer"]
+           "load_pretrained", "master_weight_optimizer", "sharded_optimizer"]

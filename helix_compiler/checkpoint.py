@@ -2,9 +2,10 @@
 (DCP) over ``get_state_dict`` / ``set_state_dict``.
 
 Every tensor is saved under the user's name (``model.<fqn>``, ``optim.state.<fqn>.exp_avg``,
-...), whole, by the rank that owns it (a weight held by several ranks is saved once), so a
-checkpoint saved at one pipeline size loads at any other, and into the plain model in one
-process (``load_model_state``). ``save_checkpoint`` adds what an exact resume needs: the LR
+...), whole, by the rank that owns it (a weight held by several ranks is saved once; a
+tensor-parallel parameter and its optimizer state are put back together over tp and saved
+by tp rank 0), so a checkpoint saved at one pipeline, tp or dp size loads at any other,
+and into the plain model in one process (``load_model_state``). ``save_checkpoint`` adds what an exact resume needs: the LR
 scheduler's state, the training step (the data position) and every rank's RNG states (the
 CPU generator and, on CUDA, the device's), which dropout draws from; those are restored only
 on a resume at the same world size (RNG streams do not reshard).
@@ -62,6 +63,12 @@ def save_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
         model_sd, optim_sd = get_state_dict(pipe, optimizer)
     else:
         model_sd, optim_sd = get_state_dict(pipe, [])
+    for d, key, shard in _tp_split_entries(pipe, model_sd, optim_sd):  # saved whole, by tp rank 0
+        whole = shard.unshard(pipe.tp_transport.all_gather_(d[key].detach().contiguous(), what=f"checkpoint {key}"))
+        if pipe.stage.tp_rank == 0:
+            d[key] = whole
+        else:
+            del d[key]
     device = next((p.device for p in pipe.parameters()), None)
     state: dict[str, Any] = {"model": model_sd, "step": torch.tensor(int(step)),
                              "world_size": torch.tensor(world),
@@ -84,12 +91,17 @@ def load_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
         model_sd, optim_sd = get_state_dict(pipe, optimizer)
     else:
         model_sd, optim_sd = get_state_dict(pipe, [])
+    split = _tp_split_entries(pipe, model_sd, optim_sd)
+    for d, key, shard in split:  # read whole, keep this tp rank's piece
+        d[key] = torch.empty(shard.full_shape(d[key].shape, pipe.tp_size), dtype=d[key].dtype, device=d[key].device)
     state: dict[str, Any] = {"model": model_sd, "step": torch.tensor(0), "world_size": torch.tensor(0)}
     if optimizer is not None:
         state["optim"] = optim_sd
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     dcp.load(state, checkpoint_id=os.fspath(path))
+    for d, key, shard in split:
+        d[key] = shard.local(d[key], pipe.stage.tp_rank, pipe.tp_size).clone()
     saved_world = int(state["world_size"])
     if restore_rng and saved_world == world:
         device = next((p.device for p in pipe.parameters()), None)
@@ -106,6 +118,22 @@ def load_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+def _tp_split_entries(pipe, model_sd: dict, optim_sd: dict) -> list[tuple[dict, str, Any]]:
+    """``(dict, key, Sharded)`` of every entry that holds this tp rank's piece of a split
+    parameter: the parameter itself and its optimizer state of the same shape. They are
+    checkpointed whole, so that a checkpoint loads at any tp size (and pp, dp, one process)."""
+    stage = pipe.stage
+    if stage.tp_size <= 1:
+        return []
+    out = [(model_sd, k, stage.tp_shards[k]) for k in model_sd if k in stage.tp_shards]
+    for fqn, shard in stage.tp_shards.items():
+        prefix, shape = f"state.{fqn}.", tuple(stage.params[fqn].shape)
+        out += [(optim_sd, k, shard) for k, v in optim_sd.items()
+                if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)
+                and tuple(v.shape) == shape]
+    return out
 
 
 def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> None:

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--recompute", choices=POLICIES, default="without_attention")
             p.add_argument("--schedule", choices=SCHEDULES, default="helix")
             p.add_argument("--head-stage", type=cli_tune.head_stage, default=None,
-                           help="helix: the loss head's stage, or auto (the least loaded)")
+                           help="helix: the loss head's stage, or auto (the least loaded); default: auto "
+                                "when the untied head has >= half a mean layer's parameters, else 0")
             p.add_argument("--virtual-stages", type=int, default=None, help="interleaved: model chunks per rank")
             p.add_argument("--mlp-chunks", type=int, default=None, help="chunk the MLPs along the sequence")
         p.add_argument("--documents", type=_lengths, default=None, metavar="L1,L2,...",

@@ -50,8 +50,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help=f"recompute policies (default: all of {','.join(POLICIES)})")
     p.add_argument("--mlp-chunks", type=_optional_ints, default=None, metavar="none,16",
                    help="MLP chunk counts ('none' = unchunked; default: none and about 8192 tokens per chunk)")
-    p.add_argument("--head-stage", type=_head_stages, default=(None, "auto"), metavar="0,auto",
-                   help="helix head placements: stage numbers and/or auto (default 0,auto)")
+    p.add_argument("--head-stage", type=_head_stages, default=(0, "auto"), metavar="0,auto",
+                   help="helix head placements to search: stage numbers (0: with the embedding) and/or auto "
+                        "(the least loaded stage); default 0,auto")
     p.add_argument("--virtual-stages", type=_ints, default=None, metavar="V1,V2",
                    help="interleaved virtual stage counts (default: every valid one)")
     p.add_argument("--microbatches", type=_ints, default=None, metavar="M1,M2",
@@ -99,7 +100,7 @@ def _optional_ints(text: str) -> tuple[int | None, ...]:
 
 def _head_stages(text: str) -> tuple:
     try:
-        return tuple(None if x in ("0", "none") else x if x == "auto" else int(x) for x in text.split(","))
+        return tuple(0 if x in ("0", "none") else x if x == "auto" else int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give stage numbers and/or 'auto', e.g. 0,auto") from None
 

@@ -26,7 +26,8 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
                   loss_reduction: str = "auto", document_lengths: tuple[int, ...] | None = None,
                   mesh=None, device: torch.device | str | None = None, init_seed: int = 0,
                   memory_limit="device", tune: dict | None = None,
-                  sequence_parallel: bool | None = None, vocab_parallel: bool | None = None) -> HelixPipeline:
+                  sequence_parallel: bool | None = None, vocab_parallel: bool | None = None,
+                  dp_shard: bool = False) -> HelixPipeline:
     """Compile ``model`` for ``pp_size`` pipeline ranks and return this rank's pipeline module.
 
     Needs an initialized process group of ``pp_size`` ranks (``torchrun``). ``timeout``
@@ -39,7 +40,8 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     position_ids=...)``. ``loss_reduction``: "tokens" (the mean over the step's counted tokens;
     the default for Hugging Face causal LMs), "micro_batch_mean" (the mean of the micro
     batches' losses; the default otherwise), or "auto". ``document_lengths``: typical packed
-    document lengths, for the cost model and placement. ``mesh``: a ``DeviceMesh`` whose
+    document lengths, for the cost model and placement. ``head_stage``: see ``compile_program``
+    (default: off stage 0 for a large untied head). ``mesh``: a ``DeviceMesh`` whose
     dimensions are named ``"pp"`` and optionally ``"dp"`` and ``"tp"`` (torchtitan's names, any
     order): the pipeline runs over ``mesh["pp"]``, each stage's layers are split over
     ``mesh["tp"]`` (Megatron's column/row layout, ``passes.tensor_parallel``; the tp ranks of a
@@ -48,6 +50,9 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     default with tp, splits the embedding and head by vocabulary rows) and each pipeline rank's
     gradients are summed over
     ``mesh["dp"]`` (each dp replica is given its own batch; the loss is the whole mesh's).
+    ``dp_shard=True`` also shards each pipeline rank's parameters and gradients over
+    ``mesh["dp"]`` between steps (ZeRO-3 / FSDP2 style, ``runtime.dp_shard``): ``pipe.parameters()``
+    are ``Shard(0)`` DTensors, all-gathered once per call and reduce-scattered as they are final.
     Without it the whole world is the pipeline. ``device``: where this rank's parameters and
     buffers live (default: the transport's device, the rank's CUDA device under NCCL, else
     CPU). A model built under ``torch.device("meta")`` is materialized per rank: only the
@@ -59,6 +64,8 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     from .runtime.transport import Transport
 
     pp_group, dp_group, tp_group = _mesh_groups(mesh, pp_size)
+    if dp_shard:
+        _check_dp_shard(mesh, dp_group, tp_group)
     dp_transport = Transport(group=dp_group, timeout=timeout, name="dp") if dp_group is not None else None
     tp_transport = Transport(group=tp_group, timeout=timeout, name="tp") if tp_group is not None else None
     tp = tp_transport.world_size if tp_transport is not None else 1
@@ -67,6 +74,8 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     if transport.world_size != pp_size:
         raise HelixError(f"pp_size={pp_size} but the process group has {transport.world_size} ranks; "
                          f"launch with torchrun --nproc-per-node {pp_size}")
+    if schedule == "auto" and dp_transport is not None:  # the memory search counts the dp replicas' sharing
+        tune = {"dp": dp_transport.world_size, **(tune or {})}
     if schedule in ("helix", "auto") and num_microbatches is None:
         num_microbatches = pp_size * num_folds
     program = compile_program(model, pp_size=pp_size, seq_len=seq_len, num_microbatches=num_microbatches,
@@ -81,16 +90,30 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
     if program.tensor_parallel is not None:
         bind_tp_group(program.tensor_parallel.group_key, tp_group)
     stages = materialize_rank(stages, transport.rank, model, device=rank_device(device, transport),
-                              seed=init_seed, tp_size=tp)
+                              seed=init_seed)
     pipe = HelixPipeline(stages, rank=transport.rank, transport=transport, schedule=program.schedule,
                          hooks=tuple(hooks), record_trace=record_trace, check_batch=check_batch,
-                         dp_transport=dp_transport, tp_transport=tp_transport)
+                         dp_transport=dp_transport, tp_transport=tp_transport, dp_shard=dp_shard,
+                         dp_mesh=mesh["dp"] if dp_shard else None)
     pipe.program = program
     pipe.check_consistent()
     return pipe
 
 
 MESH_DIMS = ("pp", "dp", "tp")
+
+
+def _check_dp_shard(mesh, dp_group, tp_group) -> None:
+    if dp_group is None:
+        dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
+        raise HelixError(f"dp_shard=True shards parameters over the data-parallel replicas, but "
+                         f"{'no mesh was given' if mesh is None else f'the mesh dimensions {dims} have no dp of size > 1'}"
+                         f"; pass mesh=init_device_mesh(..., mesh_dim_names=('dp', 'pp')) with dp > 1, "
+                         f"or dp_shard=False")
+    if tp_group is not None:
+        raise HelixError("dp_shard=True with a 'tp' mesh dimension is not supported yet (dp shards of the "
+                         "tp-local shards); use dp_shard=False with tp (optionally "
+                         "helix_compiler.sharded_optimizer for ZeRO-1), or drop the 'tp' dimension")
 
 
 def _mesh_groups(mesh, pp_size: int):

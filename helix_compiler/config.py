@@ -40,7 +40,10 @@ class HelixConfig:
     mlp_chunks: int | None = None
     schedule: str = "helix"
     virtual_stages: int | None = None  # interleaved 1F1B only
-    head_stage: int | str | None = None  # helix only: a stage, or "auto" (least loaded by the cost model)
+    # helix only: a stage, or "auto" (least loaded by the cost model); None: the default rule,
+    # "auto" for an untied head of >= half a mean layer's parameters, else stage 0
+    # (``lowering.placement.default_head_stage``, resolved when the program's schedule is built)
+    head_stage: int | str | None = None
     loss_output: int | str | None = None  # the loss's position/key when the model returns several values
     # per-token model inputs beyond (input_ids, labels), e.g. ("position_ids",) for packed documents
     inputs: tuple[str, ...] = ()

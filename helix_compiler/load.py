@@ -1,7 +1,8 @@
 """``load_pretrained``: a rank reads only its own tensors from a Hugging Face safetensors
 checkpoint directory (``model.safetensors``, or shards listed in
 ``model.safetensors.index.json``), through safetensors' lazy ``safe_open`` access: the
-files are memory-mapped and only the owned tensors' bytes are read."""
+files are memory-mapped and only the owned tensors' bytes are read (under tensor
+parallelism only this tp rank's piece of a split parameter)."""
 
 from __future__ import annotations
 
@@ -59,9 +60,20 @@ def load_pretrained(pipe, path: str | os.PathLike, *, strict: bool = True):
         key = next((k for k in (name, *names_of.get(name, ())) if k in where), None)
         if key is not None:
             by_file.setdefault(where[key], []).append((name, key))
+    stage = pipe.stage
     state: dict[str, torch.Tensor] = {}
     for file, pairs in by_file.items():
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name, key in pairs:
-                state[name] = f.get_tensor(key)
+                shard = stage.tp_shards.get(name)
+                state[name] = f.get_tensor(key) if shard is None else _read_piece(f, key, shard, stage)
     return pipe.load_state_dict(state, strict=strict)
+
+
+def _read_piece(f, key: str, shard, stage) -> torch.Tensor:
+    """This tp rank's piece of tensor ``key`` of split parameter: only its rows (columns) are read."""
+    sl = f.get_slice(key)
+    size = sl.get_shape()[shard.dim]
+    parts = [sl[(slice(None),) * shard.dim + (slice(start, start + n),)]
+             for start, n in shard.ranges(size, stage.tp_rank, stage.tp_size)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, shard.dim)

@@ -53,6 +53,9 @@ class HelixProgram:
     tensor_parallel: object = None
     # schedule="auto": the search's ``tune.ScheduleChoice`` (chosen, runner-up, every candidate)
     choice: object = None
+    # helix: why the head runs on ``schedule.head_stage`` (the option given, or the default rule
+    # ``lowering.placement.default_head_stage`` with the element counts it compared)
+    head_stage_reason: str | None = None
 
     def pass_report(self) -> str:
         """One line per pass: wall seconds and FX node counts before -> after."""
@@ -96,6 +99,8 @@ class HelixProgram:
         with record("build_schedule") as rec:
             program.schedule = _build_schedule(program)
             rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions (rescheduled)"
+            if program.head_stage_reason:
+                rec.detail += f"; head on stage {program.schedule.head_stage}"
         return program
 
     def tensor_parallel_plan(self, tp: int, *, vocab_parallel: bool | None = None):
@@ -144,6 +149,8 @@ class HelixProgram:
         for cut in self.cuts:
             lines.append(f"  layer {cut.layer}: pre-owner -> attention stage sends {list(cut.crossing)} "
                          f"({cut.bytes / 2**20:.3f} MB); runs {len(cut.moved)} pre-attention ops on the attention stage")
+        if self.head_stage_reason and self.schedule is not None:
+            lines.append(f"head on stage {self.schedule.head_stage}: {self.head_stage_reason}")
         if self.passes:
             lines += ["passes:"] + ["  " + line for line in self.pass_report().splitlines()]
         return "\n".join(lines)
@@ -163,6 +170,10 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
     ``(input_ids, labels)``, by keyword name (``("position_ids",)`` for packed documents,
     ``("attention_mask",)`` for padding). ``loss_reduction``: see ``HelixConfig``.
     ``document_lengths``: typical packed document lengths, for the cost model.
+    ``head_stage`` (helix): the loss head's stage, ``"auto"`` (the least loaded by the cost
+    model), or None: ``"auto"`` when the head's own (untied) parameters hold at least half a
+    mean layer's elements, else stage 0 (``lowering.placement.default_head_stage``; the reason
+    is kept in ``program.head_stage_reason``).
     ``tensor_parallel``: ranks of the tensor-parallel group inside each stage; the segment
     graphs, their costs and boundary shapes are then one tp rank's (``passes.tensor_parallel``).
     ``sequence_parallel``: split the activations between the parallel regions along the
@@ -244,6 +255,8 @@ def compile_program(model: torch.nn.Module, *, pp_size: int, seq_len: int, num_m
         program.schedule = _build_schedule(program)
         if program.schedule is not None:
             rec.detail = f"{sum(len(p) for p in program.schedule.programs)} instructions"
+            if program.head_stage_reason:
+                rec.detail += f"; head on stage {program.schedule.head_stage}"
     return program
 
 
@@ -322,7 +335,38 @@ def _build_schedule(program: HelixProgram):
     except ImportError:  # the schedules module is optional while it is being built
         return None
     c = program.config
+    head_stage, program.head_stage_reason = c.head_stage, None
+    if c.schedule == "helix":  # the one place the default head placement is resolved
+        if head_stage is None:
+            from .lowering.placement import default_head_stage
+
+            head_stage, program.head_stage_reason = default_head_stage(**_head_and_layer_elements(program))
+        else:
+            program.head_stage_reason = f"head_stage={head_stage!r} given"
     return build_schedule(program.specs, kind=c.schedule, num_stages=c.pp_size, num_microbatches=c.num_microbatches,
                           num_folds=c.num_folds, virtual_stages=c.virtual_stages, recompute=c.recompute,
-                          head_stage=c.head_stage, costs=program.costs, micro_batch_size=c.micro_batch_size,
+                          head_stage=head_stage, costs=program.costs, micro_batch_size=c.micro_batch_size,
                           seq_len=c.seq_len)
+
+
+def _head_and_layer_elements(program: HelixProgram) -> dict:
+    """What ``default_head_stage`` compares: the head segment's own parameter elements (those
+    no other segment uses: a head tied to the embedding has none) and the mean transformer
+    layer's (the parameters under the layers' module FQNs, each tensor once; one tp rank's
+    shard under tensor parallelism)."""
+    params = dict(program.captured.gm.named_parameters(remove_duplicate=False))
+    tp = program.tensor_parallel
+
+    def numel(name: str) -> int:
+        p = params[name]
+        return _numel(tp.local_shape(name, p.shape)) if tp is not None else p.numel()
+
+    *body, head = program.segments
+    elsewhere = {id(params[n]) for seg in body for n in (*seg.params, *seg.shipped_params)}
+    own = {id(params[n]): numel(n) for n in head.params if id(params[n]) not in elsewhere}
+    prefixes = tuple(f"{fqn}." for fqn in program.layers.layer_fqns)
+    layer = {id(p): numel(n) for n, p in params.items() if prefixes and n.startswith(prefixes)}
+    if not layer:  # layer FQNs not among the parameter names: the segments between E and H
+        layer = {id(params[n]): numel(n) for seg in body[1:] for n in seg.params}
+    return dict(head_elements=sum(own.values()),
+                mean_layer_elements=sum(layer.values()) / max(1, program.layers.num_layers))

@@ -72,7 +72,7 @@ class Candidate:
     recompute: str
     num_folds: int = 1
     virtual_stages: int | None = None
-    head_stage: int | None = None  # helix: the head's stage (None: stage 0)
+    head_stage: int | None = None  # helix: the head's stage (0: with the embedding); None for layer-wise kinds
     mlp_chunks: int | None = None
 
     def label(self) -> str:
@@ -96,7 +96,8 @@ class Candidate:
         return dict(schedule=self.schedule, num_microbatches=self.num_microbatches,
                     micro_batch_size=self.micro_batch_size, recompute=self.recompute,
                     num_folds=self.num_folds, virtual_stages=self.virtual_stages,
-                    head_stage=self.head_stage, mlp_chunks=self.mlp_chunks)
+                    head_stage=0 if self.schedule == "helix" and self.head_stage is None else self.head_stage,
+                    mlp_chunks=self.mlp_chunks)  # helix: an explicit stage (None would be the default rule)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def search_schedules(program, *, device: str | DeviceSpec = "H20", memory_limit=
                      tokens_per_step: int | None = None, tp: int = 1, dp: int = 1, dp_shard: bool = False,
                      optimizer="auto", schedules: Sequence[str] = KINDS, folds: Sequence[int] = (1, 2),
                      recompute: Sequence[str] = POLICIES, mlp_chunks: Sequence[int | None] | None = None,
-                     head_stages: Sequence = (None, "auto"), virtual_stages: Sequence[int] | None = None,
+                     head_stages: Sequence = (0, "auto"), virtual_stages: Sequence[int] | None = None,
                      num_microbatches: Sequence[int] | None = None, runnable_only: bool = True,
                      exhaustive: bool = False, stages_per_node: int = 1,
                      memory_model: MemoryModel | None = None) -> ScheduleChoice:
@@ -279,8 +280,7 @@ def search_schedules(program, *, device: str | DeviceSpec = "H20", memory_limit=
                     continue
                 heads = [None]
                 if kind == "helix":
-                    heads = sorted({ctx.head_stage(variant, k, h, m, f, b, rc) for h in head_stages},
-                                   key=lambda x: -1 if x is None else x)
+                    heads = sorted({ctx.head_stage(variant, k, h, m, f, b, rc) for h in head_stages})
                 for h in heads:
                     ckey = (kind, m, f, v, h)
                     pending.append((ctx.lower_bound(ckey, variant, k, b, rc), Candidate(kind, m, b, rc, f, v, h, k),
@@ -427,22 +427,23 @@ class _Context:
         self._heads: dict = {}
         self._bounds: dict = {}
 
-    def head_stage(self, variant, k, h, m: int, f: int, b: int, rc: str) -> int | None:
-        """``h`` as a stage (None: stage 0); ``"auto"``: the stage with the least simulated
+    def head_stage(self, variant, k, h, m: int, f: int, b: int, rc: str) -> int:
+        """``h`` as an explicit stage (0 or None: stage 0, with the embedding; a candidate never
+        leaves it to ``HelixProgram``'s default rule); ``"auto"``: the stage with the least simulated
         compute without the head, ties to the lowest stage other than 0 (stage 0 also runs the
         embedding and ends the forward), as ``lowering.placement.choose_head_stage`` picks
         by FLOPs (here by the simulator's durations, which it computes anyway)."""
         if h is None or h == 0:
-            return None
+            return 0
         if h != "auto":
             return h
         key = (k, m, f, b, rc)
         if key not in self._heads:
-            busy = self.busy(("helix", m, f, None, None), variant, k, b, rc, skip=(len(self.specs) - 1,))
+            busy = self.busy(("helix", m, f, None, 0), variant, k, b, rc, skip=(len(self.specs) - 1,))
             best = min(busy)
             tol = 1e-9 * max(1.0, abs(best))
             st = next(r for r in [*range(1, len(busy)), 0] if busy[r] <= best + tol)
-            self._heads[key] = None if st == 0 else st
+            self._heads[key] = st
         return self._heads[key]
 
     def compute(self, ckey):

@@ -26,8 +26,15 @@ from ..ir.recompute import policy_for
 from ..ir.segment import POLICIES, SegmentCost
 from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from ..kernels.chunked_mlp import chunked_gelu_mlp, chunked_swiglu_mlp
-from ..kernels.tensor_parallel import (sp_all_gather, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
-                                      vocab_parallel_cross_entropy)
+from ..kernels.tensor_parallel import (
+    sp_all_gather,
+    sp_gather,
+    sp_reduce_scatter,
+    sp_split,
+    tp_copy,
+    tp_reduce,
+    vocab_parallel_cross_entropy,
+)
 
 aten = torch.ops.aten
 HELIX_ATTENTION = torch.ops.helix.attention.default

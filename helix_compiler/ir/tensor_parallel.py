@@ -25,13 +25,21 @@ class Sharded:
             raise ValueError(f"size {size} of dimension {self.dim} does not split into {self.groups} x {tp}")
         return size // tp
 
-    def local(self, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
-        """Rank ``rank``'s piece of ``full`` (a view when ``groups == 1``)."""
-        size = full.shape[self.dim]
+    def ranges(self, size: int, rank: int, tp: int) -> list[tuple[int, int]]:
+        """``(start, length)`` along ``dim`` of rank ``rank``'s parts, one per block."""
         block = size // self.groups
         piece = self.local_size(size, tp) // self.groups
-        parts = [full.narrow(self.dim, g * block + rank * piece, piece) for g in range(self.groups)]
+        return [(g * block + rank * piece, piece) for g in range(self.groups)]
+
+    def local(self, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        """Rank ``rank``'s piece of ``full`` (a view when ``groups == 1``)."""
+        parts = [full.narrow(self.dim, start, n) for start, n in self.ranges(full.shape[self.dim], rank, tp)]
         return parts[0] if self.groups == 1 else torch.cat(parts, self.dim)
+
+    def full_shape(self, local_shape, tp: int) -> tuple[int, ...]:
+        shape = list(local_shape)
+        shape[self.dim] *= tp
+        return tuple(shape)
 
     def unshard(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """The full tensor from every rank's piece, in rank order."""

@@ -1,7 +1,8 @@
 """Placement: which stage runs each chain segment of each micro batch.
 
 * Helix (HELIXPIPE.md 1.2/1.3): ``E``, ``PL`` (kind "final") and ``H`` on stage 0 (``H`` may
-  be moved with ``head_stage``); parameter chunk ``P(l)``, ``l < L``, on stage ``l mod p``;
+  be moved with ``head_stage``; a compiled program's default is ``default_head_stage``'s rule);
+  parameter chunk ``P(l)``, ``l < L``, on stage ``l mod p``;
   attention ``A(l)`` of micro batch ``m`` with offset ``d = floor((m mod pF) / F)`` on stage
   ``(l + d) mod p``. ``L % p != 0`` is allowed (cyclic dealing: the first ``L mod p`` stages
   own one chunk more).
@@ -164,3 +165,21 @@ def choose_head_stage(specs: Sequence[SegmentSpec], costs: Sequence[SegmentCost]
     tol = 1e-9 * max(1.0, abs(best))
     order = list(range(1, num_stages)) + [0]
     return next(r for r in order if loads[r] <= best + tol)
+
+
+def default_head_stage(*, head_elements: int, mean_layer_elements: float) -> tuple[int | str, str]:
+    """The helix head placement when the user gives no ``head_stage``: ``(head_stage, reason)``.
+
+    The rule: ``"auto"`` (``choose_head_stage``, the stage the cost model finds least loaded)
+    when the head's own parameters, those not tied to (shared with) another segment such as
+    the embedding, hold at least half as many elements as the mean transformer layer; else
+    stage 0, with the embedding (HelixPipe's placement). A large untied head then no longer
+    stacks a second vocab x hidden matrix (and its work) on stage 0; a small or tied head stays:
+    moving a tied head would duplicate the embedding matrix on another stage, no memory gained.
+    """
+    ratio = head_elements / mean_layer_elements if mean_layer_elements > 0 else 0.0
+    sizes = (f"the head's own (untied) parameters: {head_elements} elements, {ratio:.2f}x the mean layer's "
+             f"{mean_layer_elements:.0f}")
+    if head_elements > 0 and ratio >= 0.5:
+        return "auto", f"default: {sizes} >= 0.5x, so head_stage='auto' (least loaded stage)"
+    return 0, f"default: {sizes} < 0.5x, so stage 0 (with the embedding)"

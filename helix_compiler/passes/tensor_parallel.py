@@ -61,8 +61,16 @@ import torch.fx as fx
 from ..errors import UnsupportedModelError
 from ..ir.segment import B, S
 from ..ir.tensor_parallel import SeqSplit, Sharded
-from ..kernels.tensor_parallel import (sp_all_gather, sp_gather, sp_reduce_scatter, sp_split, tp_copy, tp_reduce,
-                                      vocab_parallel_cross_entropy, vocab_parallel_embedding)
+from ..kernels.tensor_parallel import (
+    sp_all_gather,
+    sp_gather,
+    sp_reduce_scatter,
+    sp_split,
+    tp_copy,
+    tp_reduce,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+)
 
 aten = torch.ops.aten
 HELIX_ATTENTION = torch.ops.helix.attention.default
@@ -151,7 +159,7 @@ class _Rewrite:
     def run(self) -> None:
         graph = self.gm.graph
         phs = [n for n in graph.nodes if n.op == "placeholder"]
-        chain = dict(zip(phs, self.seg.chain_inputs))
+        chain = dict(zip(phs, self.seg.chain_inputs, strict=False))
         for node in list(graph.nodes):
             if node.op == "placeholder":
                 self.place[node] = self.result.boundary.get(chain.get(node))
@@ -463,7 +471,7 @@ class _Rewrite:
     def cross_entropy(self, node: fx.Node):
         x, target = node.args[:2]
         names = [a.name for a in aten.cross_entropy_loss.default._schema.arguments]
-        given = dict(zip(names, node.args)) | dict(node.kwargs)
+        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
         if self.place.get(x) != Sharded(1) or self.ndim(x) != 2 or self.place.get(target) is not None:
             self.fail(node, "vocabulary-parallel cross-entropy takes [tokens, vocabulary] logits split by "
                             "vocabulary and whole targets")

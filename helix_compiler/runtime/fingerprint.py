@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -32,19 +34,46 @@ def tensor_hash(t: torch.Tensor) -> int:
     return (h ^ meta) & (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """One thing the ranks must hold equal: this rank's ``values``, compared among ``ranks``
+    (default: all); ``describe(rank, values)`` names a row in the error (default: the ints)."""
+
+    values: tuple[int, ...]
+    what: str
+    fix: str
+    ranks: tuple[int, ...] | None = None
+    describe: Callable[[int, tuple[int, ...]], str] | None = None
+
+
+def agree_all(transport, agreements: Sequence[Agreement]) -> None:
+    """Raise on every rank unless every agreement holds, in one collective.
+
+    One SUM all-reduce of a ``world x (total values)`` table in which each rank fills its own
+    row: every rank then sees every row, so all raise together (the first agreement that
+    fails). Ranks outside an agreement's ``ranks`` join with zeros (they need not hold the
+    thing compared)."""
+    world, rank = transport.world_size, transport.rank
+    widths = [len(a.values) for a in agreements]
+    table = torch.zeros((world, sum(widths)), dtype=torch.int64)
+    col = 0
+    for a, w in zip(agreements, widths, strict=True):
+        if w and (a.ranks is None or rank in a.ranks):
+            table[rank, col:col + w] = torch.tensor(a.values, dtype=torch.int64)
+        col += w
+    transport.all_reduce_(table, what="agreement on " + " and ".join(a.what for a in agreements))
+    col = 0
+    for a, w in zip(agreements, widths, strict=True):
+        rows = {r: tuple(int(v) for v in table[r, col:col + w]) for r in (range(world) if a.ranks is None else a.ranks)}
+        col += w
+        if len(set(rows.values())) > 1:
+            describe = a.describe or (lambda r, v: str(v))
+            seen = ", ".join(f"rank {r}: {describe(r, v)}" for r, v in rows.items())
+            raise HelixError(f"rank {rank}: the ranks disagree on {a.what} ({seen}); {a.fix}")
+
+
 def agree(transport, values: tuple[int, ...], *, what: str, fix: str,
           ranks: tuple[int, ...] | None = None) -> None:
-    """Raise on every rank unless ``ranks`` (default: all) hold the same ``values``.
-
-    One SUM all-reduce of a ``world x len(values)`` table in which each rank fills its own
-    row: every rank then sees every row, so all raise together. Ranks outside ``ranks``
-    join with zeros (they need not hold the thing compared)."""
-    world, rank = transport.world_size, transport.rank
-    table = torch.zeros((world, len(values)), dtype=torch.int64)
-    if ranks is None or rank in ranks:
-        table[rank] = torch.tensor(values, dtype=torch.int64)
-    transport.all_reduce_(table, what=f"agreement on {what}")
-    rows = {r: tuple(int(v) for v in table[r]) for r in (range(world) if ranks is None else ranks)}
-    if len(set(rows.values())) > 1:
-        seen = ", ".join(f"rank {r}: {v}" for r, v in rows.items())
-        raise HelixError(f"rank {rank}: the ranks disagree on {what} ({seen}); {fix}")
+    """Raise on every rank unless ``ranks`` (default: all) hold the same ``values`` (one
+    collective; see :func:`agree_all`)."""
+    agree_all(transport, [Agreement(tuple(values), what, fix, ranks)])

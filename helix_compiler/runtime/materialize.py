@@ -72,14 +72,8 @@ def init_model(model: torch.nn.Module, *, seed: int = 0, device: torch.device | 
 
 
 def materialize_rank(stages: tuple[StageProgram, ...], rank: int, model: torch.nn.Module, *,
-                     device: torch.device, seed: int = 0, tp_size: int = 1) -> tuple[StageProgram, ...]:
+                     device: torch.device, seed: int = 0) -> tuple[StageProgram, ...]:
     """``stages`` with ``stages[rank]`` materialized (``materialize_stage``)."""
-    if tp_size > 1:  # the stage's split parameters are shards made by lowering, not the model's tensors
-        meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-        if meta is not None:
-            raise HelixError(f"a model built on the meta device ({meta} is meta) with tensor parallelism "
-                             f"(tp={tp_size}) is not supported yet; build the model on a real device, or use tp=1")
-        return stages
     out = list(stages)
     out[rank] = materialize_stage(stages[rank], model, device=device, seed=seed)
     return tuple(out)
@@ -89,13 +83,38 @@ def materialize_stage(stage: StageProgram, model: torch.nn.Module, *, device: to
                       seed: int = 0) -> StageProgram:
     """The rank's tensors on ``device`` (allocated and initialized where they were meta), bound
     into its segment graphs and into ``model``; the returned program's ``params`` and
-    ``owned_state.buffers`` are the new tensors."""
+    ``owned_state.buffers`` are the new tensors.
+
+    Under tensor parallelism a split parameter is this tp rank's piece: its module's tensors
+    are materialized and initialized whole (so the piece equals the same slice of
+    ``init_model``), sliced, and the whole tensor is dropped back to meta before the next
+    module, so the transient cost is one module's full tensors."""
     device = torch.device(device)
     tensors = {**stage.params, **stage.owned_state.buffers}
     names = [n for n, t in tensors.items() if t.is_meta or t.device != device]
     if not names:  # built in full on this device: nothing to do (the usual small-model route)
         return stage
-    replaced = _materialize(model, names, device=device, seed=seed, reinit=False)
+    split = {n for n in names if n in stage.tp_shards}
+    replaced: dict[int, torch.Tensor] = {}
+    by_module: dict[str, list[str]] = {}
+    for n in names:  # a module's tensors together: its init draws for all of them in order
+        by_module.setdefault(n.rpartition(".")[0] if n in split else "", []).append(n)
+    whole = by_module.pop("", [])
+    for group in by_module.values():
+        group = group + [n for n in whole if n.rpartition(".")[0] == group[0].rpartition(".")[0]]
+        whole = [n for n in whole if n not in group]
+        done = _materialize(model, group, device=device, seed=seed, reinit=False)
+        full = _tensors_by_name(model)
+        dropped = set()
+        for n in (n for n in group if n in split):
+            old = stage.params[n]
+            piece = stage.tp_shards[n].local(full[n].detach(), stage.tp_rank, stage.tp_size).clone()
+            replaced[id(old)] = torch.nn.Parameter(piece, requires_grad=old.requires_grad)
+            dropped.add(id(full[n]))
+            _drop_to_meta(model, full[n])
+        replaced.update({k: v for k, v in done.items() if id(v) not in dropped})
+    if whole:
+        replaced.update(_materialize(model, whole, device=device, seed=seed, reinit=False))
     for seg in stage.segments.values():
         for gm in {id(seg.gm): seg.gm, id(seg.eval_gm): seg.eval_gm}.values():
             for node in gm.graph.nodes:
@@ -131,6 +150,23 @@ def _set(owner: torch.nn.Module, leaf: str, t: torch.Tensor) -> None:
         owner._buffers[leaf] = t
     else:
         setattr(owner, leaf, t)
+
+
+def _tensors_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _drop_to_meta(model: torch.nn.Module, t: torch.Tensor) -> None:
+    """Put ``t`` back on meta everywhere the model holds it (a split parameter's whole value,
+    once its piece is taken)."""
+    meta = torch.empty_like(t, device="meta")
+    if isinstance(t, torch.nn.Parameter):
+        meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+    for mod in model.modules():
+        for leaf, v in [*mod._parameters.items(), *mod._buffers.items()]:
+            if v is t:
+                _set(mod, leaf, meta)
 
 
 def _materialize(model: torch.nn.Module, names, *, device: torch.device, seed: int,

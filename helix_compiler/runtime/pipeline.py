@@ -29,9 +29,14 @@ from ..ir.stage_program import StageProgram
 from .batch_checks import DEFAULT_INPUTS, check_documents
 from .data_parallel import GradientReducer
 from .executor import Executor, InstrHook
-from .fingerprint import agree, tensor_hash
-from .precision import step_recv_specs
+from .fingerprint import Agreement, agree, agree_all, tensor_hash
+from .precision import check_param_dtypes, compiled_dtypes, param_dtype_agreement, step_recv_specs
 from .state_dict import load_owned_state_dict, rebind_owned, register_owned
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (dp_shard), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _PipelineLoss(torch.autograd.Function):
@@ -49,7 +54,7 @@ class _PipelineLoss(torch.autograd.Function):
 class HelixPipeline(torch.nn.Module):
     def __init__(self, stages: tuple[StageProgram, ...], *, rank: int, transport, schedule: Schedule | None = None,
                  hooks: tuple[InstrHook, ...] = (), record_trace: bool = False, check_batch: bool = True,
-                 dp_transport=None, tp_transport=None):
+                 dp_transport=None, tp_transport=None, dp_shard: bool = False, dp_mesh=None):
         super().__init__()
         self.stages, self.rank, self.transport = stages, rank, transport
         self.stage = stages[rank]
@@ -58,7 +63,19 @@ class HelixPipeline(torch.nn.Module):
         # data parallelism: the same pipeline rank of every replica, each on its own batch
         self.dp_transport = dp_transport
         self.dp_size = dp_transport.world_size if dp_transport is not None else 1
-        self.reducer = GradientReducer(self.stage, dp_transport) if self.dp_size > 1 else None
+        # dp_shard: parameters and gradients sharded over dp between steps (runtime.dp_shard)
+        self.dp_shard = bool(dp_shard)
+        self.sharder = None
+        if self.dp_shard:
+            if self.dp_size == 1:
+                raise HelixError("dp_shard=True needs a data-parallel group of more than one rank: pass "
+                                 "mesh= with a 'dp' dimension of size > 1, or dp_shard=False")
+            from .dp_shard import DpSharder, ShardedGradientReducer
+
+            self.sharder = DpSharder(self.stage, dp_transport, dp_mesh)
+            self.reducer = ShardedGradientReducer(self.stage, dp_transport, self.sharder)
+        else:
+            self.reducer = GradientReducer(self.stage, dp_transport) if self.dp_size > 1 else None
         # tensor parallelism: the other ranks of this stage, each holding its shard of the split
         # parameters and the same copy of the others; all are given the same batch
         self.tp_transport = tp_transport
@@ -72,6 +89,9 @@ class HelixPipeline(torch.nn.Module):
         self.head_rank = self.stage.head_rank
         self._params = dict(self.stage.params)
         register_owned(self, self.stage)  # owned tensors as attributes under the user's names
+        if self.sharder is not None:  # the dp shards in their place; the graphs keep the full ones
+            self.sharder.register(self)
+        self._compiled_dtypes = compiled_dtypes(self.stage)  # each step checks them (precision)
         self._pending_backward = False
         self._broken: str | None = None
         self._steps = 0
@@ -82,6 +102,9 @@ class HelixPipeline(torch.nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """This rank's entries, or a whole model's state dict (other ranks' keys are ignored;
         a missing owned key is an error that names it), by the user's names."""
+        if self.sharder is not None:  # a full tensor of a sharded parameter loads this rank's rows
+            aliases = self.stage.owned_state.aliases
+            state_dict = {k: self.sharder.local(aliases.get(k, k), v) for k, v in state_dict.items()}
         return load_owned_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn, recurse=True):
@@ -92,7 +115,8 @@ class HelixPipeline(torch.nn.Module):
     def gather_state_dict(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
         """The full model's parameters (original names) on pipeline rank ``dst`` (of tp rank 0),
         None elsewhere. A collective: every rank must call it."""
-        mine = {k: v.clone() for k, v in self.state_dict().items()}
+        mine = ({k: v.clone() for k, v in self.state_dict().items()} if self.sharder is None
+                else self.sharder.full_state(self.state_dict()))  # dp shards gathered whole
         if self.tp_size > 1:  # put the split parameters back together on tp rank 0
             pieces = self.tp_transport.gather_objects(mine, dst=0)
             mine = {} if pieces is None else {
@@ -116,26 +140,31 @@ class HelixPipeline(torch.nn.Module):
         A collective over the pipeline group: every rank must call it."""
         norm_type = float(norm_type)
         tp_first = self.stage.tp_rank == 0  # a parameter every tp rank holds whole is counted on one
-        mine = [p.grad for n, p in self._params.items() if p.grad is not None
+        params = self._params if self.sharder is None else self.sharder.current_shards()
+        mine = [_local(p.grad) for n, p in params.items() if p.grad is not None
                 and (n not in self.stage.shared or self.rank == min(self.stage.shared[n].holders))
                 and (tp_first or n in self.stage.tp_shards)]
         dtype = torch.float64
         if norm_type == float("inf"):
             local = max((g.detach().abs().max().to(dtype) for g in mine), default=torch.zeros((), dtype=dtype))
             local = local.reshape(1).clone()
+            if self.sharder is not None:
+                self.dp_transport.all_reduce_(local, "max", what="gradient norm (inf) over dp shards")
             if self.tp_size > 1:
                 self.tp_transport.all_reduce_(local, "max", what="gradient norm (inf) over tp")
             total = self.transport.all_reduce_(local, "max", what="gradient norm (inf)")[0]
         else:
             local = sum((g.detach().to(dtype).abs().pow(norm_type).sum() for g in mine), torch.zeros((), dtype=dtype))
             local = local.reshape(1).clone()
+            if self.sharder is not None:  # each dp rank holds its part of the gradients: summed once
+                self.dp_transport.all_reduce_(local, what=f"gradient norm ({norm_type:g}) over dp shards")
             if self.tp_size > 1:
                 self.tp_transport.all_reduce_(local, what=f"gradient norm ({norm_type:g}) over tp")
             total = self.transport.all_reduce_(local, what=f"gradient norm ({norm_type:g})")[0]
             total = total.pow(1.0 / norm_type)
         coef = float(max_norm) / (float(total) + 1e-6)
         if coef < 1.0:
-            for p in self._params.values():
+            for p in params.values():
                 if p.grad is not None:
                     p.grad.mul_(coef)
         return total
@@ -224,19 +253,21 @@ class HelixPipeline(torch.nn.Module):
                                  f"ignore_index {ignore}; fix the labels or mask them with {ignore}")
 
     def _agree_on_batch(self, batch: list[torch.Tensor], tokens: int | None) -> None:
-        """One collective: the ranks hold the same batch (``check_batch``) and count the same
-        number of loss tokens (always, when the loss is a token mean)."""
+        """One collective: the ranks' parameters are in their compiled dtypes (no
+        ``pipe.to(dtype)``, see precision), the ranks hold the same batch (``check_batch``) and
+        count the same number of loss tokens (always, when the loss is a token mean)."""
         h = tuple(tensor_hash(t) for t in batch) if self.check_batch else ()
         what = ("the batch (hash of " + ", ".join(self.stage.input_names) + ")") if self.check_batch else ""
         if tokens is not None:
             h += (tokens,)
             what += (" and " if what else "") + "the step's counted loss tokens"
-        if h:
-            fix = ("every rank must call pipe() with the same batch; pass check_batch=False to helix_compile "
-                   "to skip the batch hash")
-            agree(self.transport, h, what=what, fix=fix)
-            if self.tp_size > 1:
-                agree(self.tp_transport, h, what=what + " over the tp ranks of a stage", fix=fix)
+        fix = ("every rank must call pipe() with the same batch; pass check_batch=False to helix_compile "
+               "to skip the batch hash")
+        agree_all(self.transport, [param_dtype_agreement(self), *([Agreement(h, what, fix)] if h else [])])
+        if self.tp_size > 1:
+            agree_all(self.tp_transport, [param_dtype_agreement(self, over_tp=True),
+                                          *([Agreement(h, what + " over the tp ranks of a stage", fix)] if h else [])])
+        check_param_dtypes(self)  # the ranks agree on them: all raise, or none
 
     def _count_tokens(self, inputs: list[dict[str, torch.Tensor]]) -> int | None:
         """The step's counted loss tokens (labels the loss does not ignore), or None when the
@@ -282,8 +313,12 @@ class HelixPipeline(torch.nn.Module):
             if self.reducer is not None and not evaluating:
                 self.reducer.begin()
             self._steps += 1
+            if self.sharder is not None:  # the full parameters for this call, gathered once
+                self.sharder.unshard(self._steps)
             if evaluating:
                 ex.run(0, ex.num_instrs)
+                if self.sharder is not None:
+                    self.sharder.reshard()
                 value = self._loss_value()
                 self.transport.drain()
                 return value.to(self._loss_dtype())
@@ -351,6 +386,8 @@ class HelixPipeline(torch.nn.Module):
         self._pending_backward = False
         if self.reducer is not None:
             self.reducer.abort()
+        if self.sharder is not None:
+            self.sharder.reshard()
         self._broken = f"step {self._steps} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         self.executor.state.clear()
 
@@ -380,6 +417,8 @@ class HelixPipeline(torch.nn.Module):
             step = torch.zeros_like(p) if p.grad is None else (p.grad - before if before is not None else p.grad.clone())
             self.tp_transport.all_reduce_(step, what=f"gradient sum of {name} over tp, step {self._steps}")
             p.grad = step if before is None else before + step
+        if self.sharder is not None:  # the gradients are in the shards: free the full parameters
+            self.sharder.reshard()
 
     def check_consistent(self) -> None:
         """Once, before the first step (``helix_compile`` calls it): every rank compiled the
@@ -396,6 +435,8 @@ class HelixPipeline(torch.nn.Module):
                       fix="initialize the model identically on every rank (same seed) or load the same checkpoint")
         for name, shared in self.stage.shared.items():
             p = self._params.get(name)
+            if p is not None and self.sharder is not None:  # this dp index's rows, equal on the holders
+                p = self.sharder.shards[name].to_local()
             h = (tensor_hash(p),) if p is not None else (0,)
             agree(self.transport, h, what=f"the initial value of {name} (used on ranks {list(shared.holders)})",
                   fix="initialize the model identically on every rank (same seed) or load the same checkpoint",

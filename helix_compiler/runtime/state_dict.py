@@ -11,7 +11,8 @@ DCP, optimizers, schedulers). The segment graphs hold the same tensor objects;
 
 ``load_owned_state_dict`` accepts this rank's entries or a whole model's state dict: keys
 that belong to other ranks are ignored, keys of no rank are unexpected, a missing owned key
-is an error that names it.
+is an error that names it; under tensor parallelism a whole split parameter is sliced to
+this tp rank's piece.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def rebind_owned(pipe: torch.nn.Module) -> None:
     """Point the segment graphs, the stage program's parameter table and the pipeline's at
     the tensors the module tree holds now."""
     now = owned_tensors(pipe)
+    # dp_shard: the module tree holds the dp shards, the graphs read the full parameters
+    now.update(getattr(pipe, "_graph_params", {}))
     for owner, leaf, name in getattr(pipe, "_owned_bindings", ()):
         t = now[name]
         if leaf in owner._parameters:
@@ -88,10 +91,23 @@ def rebind_owned(pipe: torch.nn.Module) -> None:
             owner._buffers[leaf] = t
         else:
             setattr(owner, leaf, t)
-    params = dict(pipe.named_parameters())
+    params = {n: now[n] for n, _ in pipe.named_parameters()}
     # the stage's table is shared with the gradient reducer: update it in place
     pipe.stage.params.update(params)
     pipe._params.update(params)
+
+
+def tp_local(stage, name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as this tp rank holds ``name``: a whole tensor of a split parameter is sliced
+    to the rank's piece; anything else is returned as it is (``load_state_dict`` then names a
+    shape that fits neither)."""
+    shard = stage.tp_shards.get(name)
+    if shard is None or not isinstance(value, torch.Tensor):
+        return value
+    local = stage.params[name]
+    if tuple(value.shape) == shard.full_shape(local.shape, stage.tp_size) != tuple(local.shape):
+        return shard.local(value, stage.tp_rank, stage.tp_size)
+    return value
 
 
 def load_owned_state_dict(pipe: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
@@ -105,7 +121,7 @@ def load_owned_state_dict(pipe: torch.nn.Module, state_dict: Mapping[str, torch.
     for key, value in state_dict.items():
         name = state.aliases.get(key, key)
         if name in own:
-            mine.setdefault(name, value)
+            mine.setdefault(name, tp_local(pipe.stage, name, value))
         elif key not in state.model_keys:
             unexpected.append(key)
     missing = sorted(own - set(mine))

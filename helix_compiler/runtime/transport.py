@@ -64,6 +64,7 @@ from torch._C._distributed_c10d import (
     BroadcastOptions,
     GatherOptions,
     ReduceOp,
+    ReduceScatterOptions,
 )
 
 from ..errors import RuntimeFailure
@@ -300,15 +301,6 @@ class CollectiveHandle:
         if not self._done:
             self._transport._complete_collective(self._work, self.label, self._t0)
             self._done = True
-
-
-def _int64(v: int, what: str) -> int:
-    v = int(v)
-    if -(1 << 63) <= v < (1 << 63):
-        return v
-    if 0 <= v < (1 << 64):
-        return v - (1 << 64)  # an unsigned 64-bit hash
-    raise ValueError(f"agree({what!r}): {v} does not fit in 64 bits")
 
 
 class Transport:
@@ -551,6 +543,25 @@ class Transport:
         return CollectiveHandle(self, *self._launch(f"all_reduce ({op})", what,
                                                     lambda: self._pg.allreduce([tensor], opts)))
 
+    def all_gather_into_async(self, out: torch.Tensor, tensor: torch.Tensor, *, what: str = "") -> CollectiveHandle:
+        """Start gathering every rank's ``tensor`` (same numel everywhere) into ``out`` (world
+        size times as long, rank-major) and return at once; ``handle.wait()`` is bounded by
+        ``timeout`` from the start."""
+        opts = AllgatherOptions()
+        opts.timeout = self._td()
+        return CollectiveHandle(self, *self._launch("all_gather_into_tensor", what,
+                                                    lambda: self._pg._allgather_base(out, tensor, opts)))
+
+    def reduce_scatter_async(self, out: torch.Tensor, tensor: torch.Tensor, *, what: str = "") -> CollectiveHandle:
+        """Start a sum of ``tensor`` (world size times ``out``'s numel, rank-major) over the
+        ranks, rank r keeping part r in ``out``; ``handle.wait()`` is bounded by ``timeout``
+        from the start."""
+        opts = ReduceScatterOptions()
+        opts.reduceOp = ReduceOp.SUM
+        opts.timeout = self._td()
+        return CollectiveHandle(self, *self._launch("reduce_scatter_tensor (sum)", what,
+                                                    lambda: self._pg._reduce_scatter_base(out, tensor, opts)))
+
     def all_gather_(self, tensor: torch.Tensor, *, what: str = "") -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape and dtype everywhere), indexed by group rank."""
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
@@ -577,30 +588,6 @@ class Transport:
         if self.rank != dst:
             return None
         return [pickle.loads(o[:int(s.item())].numpy().tobytes()) for o, s in zip(outs, sizes, strict=True)]
-
-    def agree(self, values: Sequence[int], what: str) -> None:
-        """Check that every rank holds the same small tuple of integers (hashes,
-        fingerprints; each fits in 64 bits). Costs one all_reduce; when they differ, every
-        rank raises a RuntimeFailure listing each rank's values and the positions that
-        differ."""
-        vals = [_int64(v, what) for v in values]
-        head = [len(vals), *vals[:8]] + [0] * (8 - min(len(vals), 8))
-        digest = hash(tuple(vals))  # deterministic across processes for ints
-        words = torch.tensor([*head, digest], dtype=torch.int64)
-        both = torch.cat([words, -words])
-        self.all_reduce_(both, "max", what=f"agree({what})")
-        k = words.numel()
-        if torch.equal(both[:k], -both[k:]):
-            return
-        # they differ: every rank knows it, so every rank joins this second collective
-        everyone = self.gather_all_objects(tuple(int(v) for v in values), what=f"agree({what})")
-        width = max(len(v) for v in everyone)
-        differ = [i for i in range(width)
-                  if len({v[i] if i < len(v) else None for v in everyone}) > 1]
-        lines = "\n  ".join(f"rank {r}: {v}" for r, v in enumerate(everyone))
-        raise RuntimeFailure(
-            f"{self.who}: the ranks disagree on {what} (positions {differ} differ):\n  "
-            f"{lines}", rank=self.rank, waiting_for=f"agree({what})")
 
     def gather_all_objects(self, obj: Any, *, what: str = "") -> list[Any]:
         """Every rank's picklable ``obj`` on every rank (two bounded all_gathers)."""

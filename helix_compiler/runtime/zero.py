@@ -25,6 +25,10 @@ def sharded_optimizer(pipe, optimizer_class: type[torch.optim.Optimizer], **defa
         raise HelixError(f"optimizer_class={optimizer_class!r} must be a torch.optim.Optimizer subclass, "
                          f"e.g. torch.optim.AdamW")
     params = list(pipe.parameters())
+    if getattr(pipe, "dp_shard", False):
+        raise HelixError("sharded_optimizer: this pipeline was compiled with dp_shard=True, whose parameters "
+                         "(and so any optimizer's state) are already sharded over dp; use the plain optimizer, "
+                         f"{optimizer_class.__name__}(pipe.parameters(), ...)")
     if pipe.dp_size == 1:
         return optimizer_class(params, **defaults)
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -34,7 +38,12 @@ def sharded_optimizer(pipe, optimizer_class: type[torch.optim.Optimizer], **defa
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in this rank's optimizer state (its shard under ZeRO)."""
+    """Bytes of the tensors in this rank's optimizer state (its shard under ZeRO; the local
+    shards of DTensor state under ``dp_shard``)."""
     inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps the local one
-    return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values()
+    return sum(_local(v).numel() * v.element_size() for state in inner.state.values() for v in state.values()
                if isinstance(v, torch.Tensor))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -185,49 +185,157 @@ def _dcp_save_worker(rank: int, cfg: dict) -> dict:
         pipe(ids, labels).backward()
         opt.step(), sched.step(), opt.zero_grad()
     save_checkpoint(cfg["path"], pipe, opt, scheduler=sched, step=2)
+    return {"params": {n: p.detach().clone() for n, p in pipe.named_parameters()},
+            "exp_avg": _optimizer_state(pipe, opt), "lr": opt.param_groups[0]["lr"]}
+
+
+def _mesh(cfg: dict):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims = tuple(d for d in ("pp", "dp", "tp") if d in cfg)
+    return init_device_mesh("cpu", tuple(cfg[d] for d in dims), mesh_dim_names=dims) if len(dims) > 1 else None
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A dp_shard DTensor put back together (a collective over dp), else a copy."""
+    return t.full_tensor().detach() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def _optimizer_state(pipe, opt) -> dict:
     by_param = {id(p): n for n, p in pipe.named_parameters()}
-    exp_avg = {by_param[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()}
-    return {"params": {n: p.detach().clone() for n, p in pipe.named_parameters()}, "exp_avg": exp_avg,
-            "lr": opt.param_groups[0]["lr"]}
+    state = {by_param[id(p)]: s["exp_avg"] for p, s in opt.state.items()}
+    return {n: _whole(state[n]) for n, _ in pipe.named_parameters() if n in state}  # one order on every rank
 
 
 def _dcp_load_worker(rank: int, cfg: dict) -> dict:
-    from helix_compiler import helix_compile
-    from helix_compiler.checkpoint import load_checkpoint
+    """Load the pp=2 checkpoint into a meta-built model on another mesh; under tp also check
+    the per-rank init, the loaded pieces' loss, loading by state dict and by safetensors (only
+    this rank's pieces read), and save again (the pieces are put back together)."""
+    from helix_compiler import helix_compile, init_model, load_pretrained
+    from helix_compiler.checkpoint import load_checkpoint, save_checkpoint
 
+    p = cfg["pp"]
     model = _build("llama", meta=True, dtype=torch.float32)
-    pipe = helix_compile(model, cfg["p"], SEQ, num_microbatches=2 * cfg["p"], timeout=30)
+    pipe = helix_compile(model, p, SEQ, num_microbatches=2 * p, timeout=30, mesh=_mesh(cfg), init_seed=7,
+                         dp_shard=cfg.get("dp_shard", False))
+    st = pipe.stage
+    out = {}
+    if st.tp_size > 1:
+        assert st.tp_shards and not _never_allocated(pipe, model), _never_allocated(pipe, model)
+        full = init_model(_build("llama", meta=True, dtype=torch.float32), seed=7, device="cpu")
+        for name, t in pipe.named_parameters():  # the per-rank init is init_model's slice
+            whole = dict(full.named_parameters())[name]
+            want = st.tp_shards[name].local(whole, st.tp_rank, st.tp_size) if name in st.tp_shards else whole
+            assert torch.equal(t, want), f"rank {rank}: init of {name} is not init_model's piece"
+        pipe.load_state_dict(cfg["saved"])  # whole tensors: each tp rank keeps its piece
+        out["from_state_dict"] = {n: t.detach().clone() for n, t in pipe.named_parameters()}
+        import safetensors
+        read = []
+        real_open = safetensors.safe_open
+
+        class Spy:  # records what is read of each tensor
+            def __init__(self, *a, **k):
+                self.f = real_open(*a, **k)
+
+            def __enter__(self):
+                self.f.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def keys(self):
+                return self.f.keys()
+
+            def get_tensor(self, key):
+                read.append((key, "whole"))
+                return self.f.get_tensor(key)
+
+            def get_slice(self, key):
+                read.append((key, "piece"))
+                return self.f.get_slice(key)
+
+        safetensors.safe_open = Spy
+        load_pretrained(pipe, cfg["safetensors"])
+        safetensors.safe_open = real_open
+        out["from_safetensors"] = {n: t.detach().clone() for n, t in pipe.named_parameters()}
+        out["read"] = sorted(read)
     opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     step = load_checkpoint(cfg["path"], pipe, opt, scheduler=sched)
-    by_param = {id(p): n for n, p in pipe.named_parameters()}
-    exp_avg = {by_param[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()}
-    return {"params": {n: p.detach().clone() for n, p in pipe.named_parameters()}, "exp_avg": exp_avg,
-            "step": step, "lr": opt.param_groups[0]["lr"], "last_epoch": sched.last_epoch}
+    out.update({"params": {n: _whole(p) for n, p in pipe.named_parameters()},
+                "exp_avg": _optimizer_state(pipe, opt), "step": step, "lr": opt.param_groups[0]["lr"],
+                "last_epoch": sched.last_epoch, "shards": dict(st.tp_shards), "tp_rank": st.tp_rank})
+    save_checkpoint(cfg["path2"] if st.tp_size > 1 else cfg["path3"], pipe, opt, scheduler=sched, step=step)
+    if st.tp_size > 1:
+        with torch.no_grad():
+            out["loss"] = float(pipe(*_batch(7, 2 * p)))
+    return out
 
 
-def test_dcp_checkpoint_reshards_pp2_to_pp4_and_one_process(tmp_path):
+def _expect(r: dict, name: str, whole: torch.Tensor) -> torch.Tensor:
+    shard = r["shards"].get(name)
+    return whole if shard is None else shard.local(whole, r["tp_rank"], 2)
+
+
+def test_dcp_checkpoint_reshards_over_pp_dp_tp_and_one_process(tmp_path):
+    """pp=2 -> pp=4 x dp=2 with parameters sharded over dp (saved again) -> pp=2 x tp=2 (a
+    meta model: per-rank init, state-dict and safetensors loading of the pieces; saved again)
+    -> one process, from each of the three checkpoints."""
+    import safetensors.torch
+    import torch.distributed.checkpoint as dcp
+
     from helix_compiler.checkpoint import load_model_state
     from helix_compiler.runtime.launch import spawn_ranks
 
-    path = str(tmp_path / "ckpt")
+    path, path2, path3 = str(tmp_path / "ckpt"), str(tmp_path / "ckpt_tp"), str(tmp_path / "ckpt_dp_shard")
     saved = spawn_ranks(_dcp_save_worker, 2, {"p": 2, "path": path}, timeout=240)
     params = {k: v for r in saved for k, v in r["params"].items()}
     exp_avg = {k: v for r in saved for k, v in r["exp_avg"].items()}
     assert len(params) == len(dict(_build("llama").named_parameters()))
-    loaded = spawn_ranks(_dcp_load_worker, 4, {"p": 4, "path": path}, timeout=300)
-    seen = set()
+    base = _build("llama", dtype=torch.float32, seed=5)
+    base_sd = {k: v.contiguous() for k, v in base.state_dict().items()}
+    safetensors.torch.save_file(base_sd, str(tmp_path / "model.safetensors"))
+    meshes = [{"pp": 4, "dp": 2, "dp_shard": True}, {"pp": 2, "tp": 2}]
+    for mesh in meshes:
+        cfg = {**mesh, "path": path, "path2": path2, "path3": path3, "saved": base_sd, "safetensors": str(tmp_path)}
+        loaded = spawn_ranks(_dcp_load_worker, 8 if "dp" in mesh else 4, cfg, timeout=300)
+        seen = set()
+        for r in loaded:
+            assert r["step"] == 2 and r["lr"] == saved[0]["lr"] and r["last_epoch"] == 2
+            for name, value in r["params"].items():
+                assert torch.equal(value, _expect(r, name, params[name])), f"{mesh}: {name} differs from the checkpoint"
+                assert torch.equal(r["exp_avg"][name], _expect(r, name, exp_avg[name])), \
+                    f"{mesh}: optimizer state of {name} differs"
+                seen.add(name)
+            if "tp" in mesh:
+                assert r["shards"], "nothing split over tp"
+                for name in r["params"]:
+                    assert torch.equal(r["from_state_dict"][name], _expect(r, name, base_sd[name])), name
+                    assert torch.equal(r["from_safetensors"][name], _expect(r, name, base_sd[name])), name
+                assert {k for k, how in r["read"] if how == "whole"}.isdisjoint(r["shards"])
+                assert {k for k, how in r["read"] if how == "piece"} == set(r["shards"])
+        assert seen == set(params)
+    # the tp=2 pipeline's loss on the checkpoint's weights is the single-process model's
+    ref = _build("llama", dtype=torch.float32, seed=1)
+    ref.load_state_dict(params, strict=False)
+    from helix_compiler.capture.adapters import adapt_model
+
+    ids, labels = _batch(7, 4)
+    with torch.no_grad():
+        want = torch.stack([adapt_model(ref)(i[None], t[None]) for i, t in zip(ids, labels, strict=True)]).mean()
     for r in loaded:
-        assert r["step"] == 2 and r["lr"] == saved[0]["lr"] and r["last_epoch"] == 2
-        for name, value in r["params"].items():
-            assert torch.equal(value, params[name]), f"pp=4: {name} differs from the pp=2 checkpoint"
-            assert torch.equal(r["exp_avg"][name], exp_avg[name]), f"pp=4: optimizer state of {name} differs"
-            seen.add(name)
-    assert seen == set(params)
-    plain = _build("llama", dtype=torch.float32, seed=1)  # other values, overwritten by the load
-    load_model_state(path, plain)
-    for name, value in plain.named_parameters():
-        assert torch.equal(value.detach(), params[name]), f"single process: {name} differs"
+        assert r["loss"] == pytest.approx(float(want), rel=1e-5)
+    for where in (path, path2, path3):  # the ones saved at tp=2 and with dp shards hold whole tensors again
+        plain = _build("llama", dtype=torch.float32, seed=1)  # other values, overwritten by the load
+        load_model_state(where, plain)
+        for name, value in plain.named_parameters():
+            assert torch.equal(value.detach(), params[name]), f"single process from {where}: {name} differs"
+    for where in (path2, path3):
+        optim = {f"state.{n}.exp_avg": torch.empty_like(v) for n, v in exp_avg.items()}
+        dcp.load({"optim": optim}, checkpoint_id=where)
+        for key, value in optim.items():
+            assert torch.equal(value, exp_avg[key[len("state."):-len(".exp_avg")]]), f"{where}: {key}"
 
 
 # ---------------------------------------------------------------------------- autocast

@@ -16,14 +16,14 @@ pytestmark = [pytest.mark.multiprocess]
 SEQ = 32
 
 
-def _build(arch: str, dtype: torch.dtype):
+def _build(arch: str, dtype: torch.dtype, vocab: int = 256):
     from helix_compiler.models import GPT, GPTConfig, Llama, LlamaConfig, hf_model
 
     torch.manual_seed(0)
     if arch == "gpt":
         m = GPT(GPTConfig(num_layers=4, max_seq_len=64))
     elif arch == "llama":
-        m = Llama(LlamaConfig(num_layers=4))
+        m = Llama(LlamaConfig(num_layers=4, vocab_size=vocab))
     else:
         m = hf_model(arch.removeprefix("hf_"), num_layers=4)
     return m.to(dtype)
@@ -34,7 +34,7 @@ def _worker(rank: int, cfg: dict) -> dict:
     from helix_compiler.capture.adapters import adapt_model
 
     dtype = cfg["dtype"]
-    model = _build(cfg["arch"], dtype)
+    model = _build(cfg["arch"], dtype, cfg.get("vocab", 256))
     ref = copy.deepcopy(model)
     M = cfg["M"]
     if cfg.get("torch_compile"):
@@ -51,6 +51,8 @@ def _worker(rank: int, cfg: dict) -> dict:
                              head_stage=cfg.get("head_stage"), timeout=30)
         named = None
         step_fn = pipe
+        if "head_on" in cfg:  # where the default placement put the head
+            assert pipe.schedule.head_stage == cfg["head_on"], pipe.program.head_stage_reason
     opt = torch.optim.SGD(list(model.parameters()) if named is not None else list(pipe.parameters()), lr=0.05)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     ref_loss_fn = adapt_model(ref)
@@ -111,6 +113,7 @@ CASES = [
     ("llama-torch_compile", 2, 2, 1, "helix", "without_attention", F64),
     ("gpt-head_stage", 2, 2, 1, "helix", "without_attention", F64),  # tied head away from the embedding
     ("gpt-accumulate", 2, 1, 1, "1f1b", "none", F64),  # tied weight on two ranks, two calls per step
+    ("llama-big_vocab", 2, 2, 1, "helix", "without_attention", F64),  # default: the untied head off rank 0
 ]
 
 
@@ -130,6 +133,8 @@ def test_gradient_parity(arch, p, F, mult, schedule, recompute, tol):
         cfg["head_stage"] = p - 1
     elif variant == "accumulate":
         cfg["accumulate"] = True
+    elif variant == "big_vocab":  # 4096 x 64 head elements, 5.8x a layer: head_stage=None resolves to "auto"
+        cfg.update(vocab=4096, head_on=1)
     results = spawn_ranks(_worker, p, cfg, timeout=240)
     # Hugging Face models compute their loss in float32 (logits.float()) and default to the
     # token mean (sums over the step's tokens), so the float64 run's loss agrees to float32

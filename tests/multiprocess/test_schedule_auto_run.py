@@ -66,3 +66,28 @@ def test_auto_choice_runs_with_gradient_parity(tune):
             assert pipe_loss == pytest.approx(ref_loss, rel=1e-9, abs=1e-12)
         assert r["worst"] <= 1e-10, r["label"]
     assert set(results[0]["owned"]) | set(results[1]["owned"]) == set(results[0]["all"])
+
+
+def _dp_worker(rank: int, _cfg) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from helix_compiler import helix_compile
+    from helix_compiler.models import Llama, LlamaConfig
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    torch.manual_seed(0)
+    pipe = helix_compile(Llama(LlamaConfig(num_layers=4)), 2, SEQ, schedule="auto", num_microbatches=SEQUENCES,
+                         mesh=mesh, timeout=30, tune={"schedules": ("helix",)})
+    g = torch.Generator().manual_seed(mesh["dp"].get_local_rank())  # each dp replica its own batch
+    ids = torch.randint(0, 256, (SEQUENCES, SEQ), generator=g)
+    pipe(ids, ids.roll(-1, 1)).backward()
+    return {"scale": dict(pipe.program.choice.scale), "label": pipe.program.choice.chosen.candidate.label()}
+
+
+def test_auto_choice_on_a_mesh_counts_the_dp_replicas():
+    """The memory search sees the mesh's dp size (gradients and optimizer state per replica)."""
+    from helix_compiler.runtime.launch import spawn_ranks
+
+    results = spawn_ranks(_dp_worker, 4, None, timeout=300)
+    assert all(r["scale"]["dp"] == 2 for r in results), [r["scale"] for r in results]
+    assert len({r["label"] for r in results}) == 1

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from helix_compiler.errors import RuntimeFailure
+from helix_compiler.errors import HelixError, RuntimeFailure
+from helix_compiler.runtime.fingerprint import agree
 from helix_compiler.runtime.launch import RankFailed, _primary_failure, spawn_ranks
 from helix_compiler.runtime.transport import Transport
 from helix_compiler.runtime.wire import build_header as _build_header
@@ -525,7 +526,7 @@ def _collective_never_joined(rank: int, timeout: float) -> dict:
         ("all_gather", lambda t: t.all_gather_(torch.zeros(3))),
         ("gather", lambda t: t.gather_objects({"a": 1}, dst=0)),
         ("barrier", lambda t: t.barrier()),
-        ("agree", lambda t: t.agree((1, 2), "program fingerprint")),
+        ("agree", lambda t: agree(t, (1, 2), what="program fingerprint", fix="")),
     ]
     out: dict = {}
     for g, (name, call) in zip(gs, calls, strict=True):
@@ -575,11 +576,11 @@ def _subgroups(rank: int) -> dict:
     out["max"] = t.all_reduce_(torch.tensor([float(rank)]), "max").item()
     out["gathered"] = [x.item() for x in t.all_gather_(torch.tensor([rank]))]
     out["objects"] = t.gather_objects({"rank": rank}, dst=1)
-    t.agree((7, 2**64 - 1, -3), "same everywhere")
+    agree(t, (7, 2**63 - 1, -3), what="same everywhere", fix="")
     try:
-        t.agree((1, rank), "batch hash")
+        agree(t, (1, rank), what="batch hash", fix="pass every rank the same batch")
         out["disagree"] = None
-    except RuntimeFailure as e:
+    except HelixError as e:
         out["disagree"] = str(e)
     t.drain()
     return out
@@ -600,7 +601,7 @@ def test_transport_over_subgroups_uses_group_ranks():
         else:
             assert out["objects"] is None
         msg = out["disagree"]
-        assert msg is not None and "batch hash" in msg and "positions [1] differ" in msg, msg
+        assert msg is not None and "disagree on batch hash" in msg and "pass every rank the same batch" in msg, msg
         assert f"rank 0: (1, {base})" in msg and f"rank 1: (1, {base + 1})" in msg, msg
 
 

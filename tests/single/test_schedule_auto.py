@@ -288,9 +288,10 @@ def test_cli_takes_hugging_face_configs_and_module_functions(tmp_path, capsys, m
 
 
 def test_cli_simulate_warns_when_parameters_and_optimizer_state_exceed_the_device(capsys):
-    # 3B-parameter embedding and head at 256 tokens: tiny activations, 16 bytes per parameter
+    # 3B-parameter embedding and head at 256 tokens: tiny activations, 16 bytes per parameter;
+    # both on rank 0 (--head-stage 0: the default would move this untied head to rank 1)
     args = ["simulate", "--layers", "2", "--hidden", "2048", "--heads", "16", "--vocab", "1500000",
-            "--seq-len", "256", "--pp-size", "2", "--device", "A800"]
+            "--seq-len", "256", "--pp-size", "2", "--device", "A800", "--head-stage", "0"]
     assert main(args) == 0
     out, err = capsys.readouterr()
     acts = [float(line.split("peak activations ")[1].split()[0]) for line in out.splitlines()
