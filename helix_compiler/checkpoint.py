@@ -64,7 +64,8 @@ def save_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
     else:
         model_sd, optim_sd = get_state_dict(pipe, [])
     for d, key, shard in _tp_split_entries(pipe, model_sd, optim_sd):  # saved whole, by tp rank 0
-        whole = shard.unshard(pipe.tp_transport.all_gather_(d[key].detach().contiguous(), what=f"checkpoint {key}"))
+        piece = d[key].full_tensor() if _is_dtensor(d[key]) else d[key]  # dp_shard: this tp rank's piece first
+        whole = shard.unshard(pipe.tp_transport.all_gather_(piece.detach().contiguous(), what=f"checkpoint {key}"))
         if pipe.stage.tp_rank == 0:
             d[key] = whole
         else:
@@ -92,8 +93,12 @@ def load_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
     else:
         model_sd, optim_sd = get_state_dict(pipe, [])
     split = _tp_split_entries(pipe, model_sd, optim_sd)
+    sharded_over_dp = set()
     for d, key, shard in split:  # read whole, keep this tp rank's piece
-        d[key] = torch.empty(shard.full_shape(d[key].shape, pipe.tp_size), dtype=d[key].dtype, device=d[key].device)
+        if _is_dtensor(d[key]):
+            sharded_over_dp.add(key)
+        local = d[key].to_local() if _is_dtensor(d[key]) else d[key]
+        d[key] = torch.empty(shard.full_shape(d[key].shape, pipe.tp_size), dtype=d[key].dtype, device=local.device)
     state: dict[str, Any] = {"model": model_sd, "step": torch.tensor(0), "world_size": torch.tensor(0)}
     if optimizer is not None:
         state["optim"] = optim_sd
@@ -101,7 +106,8 @@ def load_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
         state["scheduler"] = scheduler.state_dict()
     dcp.load(state, checkpoint_id=os.fspath(path))
     for d, key, shard in split:
-        d[key] = shard.local(d[key], pipe.stage.tp_rank, pipe.tp_size).clone()
+        piece = shard.local(d[key], pipe.stage.tp_rank, pipe.tp_size).clone()
+        d[key] = pipe.sharder.shard_of(piece) if key in sharded_over_dp else piece
     saved_world = int(state["world_size"])
     if restore_rng and saved_world == world:
         device = next((p.device for p in pipe.parameters()), None)
@@ -120,10 +126,17 @@ def load_checkpoint(path: str | os.PathLike, pipe: torch.nn.Module, optimizer: t
     return int(state["step"])
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _tp_split_entries(pipe, model_sd: dict, optim_sd: dict) -> list[tuple[dict, str, Any]]:
     """``(dict, key, Sharded)`` of every entry that holds this tp rank's piece of a split
     parameter: the parameter itself and its optimizer state of the same shape. They are
-    checkpointed whole, so that a checkpoint loads at any tp size (and pp, dp, one process)."""
+    checkpointed whole, so that a checkpoint loads at any tp size (and pp, dp, one process);
+    under dp_shard they are DTensors over dp whose global shape is the tp piece's."""
     stage = pipe.stage
     if stage.tp_size <= 1:
         return []

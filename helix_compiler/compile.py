@@ -65,7 +65,7 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
 
     pp_group, dp_group, tp_group = _mesh_groups(mesh, pp_size)
     if dp_shard:
-        _check_dp_shard(mesh, dp_group, tp_group)
+        _check_dp_shard(mesh, dp_group)
     dp_transport = Transport(group=dp_group, timeout=timeout, name="dp") if dp_group is not None else None
     tp_transport = Transport(group=tp_group, timeout=timeout, name="tp") if tp_group is not None else None
     tp = tp_transport.world_size if tp_transport is not None else 1
@@ -103,17 +103,13 @@ def helix_compile(model: torch.nn.Module, pp_size: int, seq_len: int, *, num_mic
 MESH_DIMS = ("pp", "dp", "tp")
 
 
-def _check_dp_shard(mesh, dp_group, tp_group) -> None:
+def _check_dp_shard(mesh, dp_group) -> None:
     if dp_group is None:
         dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
         raise HelixError(f"dp_shard=True shards parameters over the data-parallel replicas, but "
                          f"{'no mesh was given' if mesh is None else f'the mesh dimensions {dims} have no dp of size > 1'}"
                          f"; pass mesh=init_device_mesh(..., mesh_dim_names=('dp', 'pp')) with dp > 1, "
                          f"or dp_shard=False")
-    if tp_group is not None:
-        raise HelixError("dp_shard=True with a 'tp' mesh dimension is not supported yet (dp shards of the "
-                         "tp-local shards); use dp_shard=False with tp (optionally "
-                         "helix_compiler.sharded_optimizer for ZeRO-1), or drop the 'tp' dimension")
 
 
 def _mesh_groups(mesh, pp_size: int):

@@ -10,7 +10,9 @@ owner's ``B``). Parameters are bucketed by that instruction (and by size); the e
 instruction hook starts a bucket's asynchronous all-reduce as soon as its instruction ends,
 and the step's end waits for what is still in flight, so the step grows by little more than
 the last bucket. Parameters shared between pipeline ranks (a tied embedding/head) are summed
-over those ranks at the step's end first, then reduced here in one last bucket.
+over those ranks at the step's end first, and so are the partial gradients of parameters
+every tp rank holds whole (norm weights under sequence parallelism) over the tp group; then
+they are reduced here in the last buckets.
 
 The step's loss divides by the step's total over the whole dp group (micro batches, or
 counted tokens), so the reduction is a sum. Gradient accumulation over several calls keeps
@@ -53,9 +55,11 @@ class GradientReducer:
                 for p in stage.segments[i.seg].gm.parameters():
                     if id(p) in by_id:
                         last[by_id[id(p)]] = k
+        # summed over other groups first at the step's end: shared (pp) and partial (tp) gradients
+        deferred = {*stage.shared, *stage.tp_partial_grads}
         self.buckets: dict[int, list[list[str]]] = {}  # instruction position -> buckets
         for k in sorted(set(last.values())):
-            names = [n for n in stage.params if last.get(n) == k and n not in stage.shared]
+            names = [n for n in stage.params if last.get(n) == k and n not in deferred]
             self.buckets[k] = _split(names, stage.params, bucket_bytes)
         self._position = {id(i): k for k, i in enumerate(stage.instrs)}
         self._before: dict[str, torch.Tensor | None] = {}

@@ -82,7 +82,7 @@ class DpSharder:
                              f"(0-dim or empty); make them 1-element vectors or use dp_shard=False")
         self.shards: dict[str, torch.nn.Parameter] = {}
         for name, p in self.full.items():
-            self.shards[name] = torch.nn.Parameter(self._shard_of(p.detach()), requires_grad=p.requires_grad)
+            self.shards[name] = torch.nn.Parameter(self.shard_of(p.detach()), requires_grad=p.requires_grad)
         self.layouts = [_Layout(names, self.full, self.size)
                         for names in _split(list(self.full), self.full, bucket_bytes)]
         self.resident = True
@@ -90,7 +90,7 @@ class DpSharder:
         self.pipe = None
 
     # ----------------------------------------------------------------- shards
-    def _shard_of(self, full: torch.Tensor) -> DTensor:
+    def shard_of(self, full: torch.Tensor) -> DTensor:
         """This dp rank's ``Shard(0)`` DTensor of ``full`` (a copy of its rows)."""
         a, b = _rows(full.shape[0], self.rank, self.size)
         return DTensor.from_local(full[a:b].clone(), self.mesh, [Shard(0)], run_check=False, shape=full.shape,
@@ -126,7 +126,7 @@ class DpSharder:
             return value
         if tuple(value.shape) != tuple(p.shape):
             return value
-        return self._shard_of(value.detach())
+        return self.shard_of(value.detach())
 
     # ----------------------------------------------------------------- unshard / reshard
     def unshard(self, step: int) -> None:

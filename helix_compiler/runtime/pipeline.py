@@ -31,7 +31,7 @@ from .data_parallel import GradientReducer
 from .executor import Executor, InstrHook
 from .fingerprint import Agreement, agree, agree_all, tensor_hash
 from .precision import check_param_dtypes, compiled_dtypes, param_dtype_agreement, step_recv_specs
-from .state_dict import load_owned_state_dict, rebind_owned, register_owned
+from .state_dict import load_owned_state_dict, rebind_owned, register_owned, tp_local
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -103,8 +103,9 @@ class HelixPipeline(torch.nn.Module):
         """This rank's entries, or a whole model's state dict (other ranks' keys are ignored;
         a missing owned key is an error that names it), by the user's names."""
         if self.sharder is not None:  # a full tensor of a sharded parameter loads this rank's rows
-            aliases = self.stage.owned_state.aliases
-            state_dict = {k: self.sharder.local(aliases.get(k, k), v) for k, v in state_dict.items()}
+            aliases = self.stage.owned_state.aliases  # (of its tp piece, under tp)
+            state_dict = {k: self.sharder.local(aliases.get(k, k), tp_local(self.stage, aliases.get(k, k), v))
+                          for k, v in state_dict.items()}
         return load_owned_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn, recurse=True):
@@ -407,16 +408,17 @@ class HelixPipeline(torch.nn.Module):
                 step = torch.zeros_like(p)
             self.transport.all_reduce_(step, what=f"gradient sum of {name}, step {self._steps}")
             p.grad = step if before is None else before + step
-        if self.reducer is not None:
-            self.reducer.finish()
         # parameters every tp rank holds whole but uses on its part of the activations (norms
-        # under sequence parallelism): each rank's gradient is a part of the sum
+        # under sequence parallelism): each rank's gradient is a part of the sum (taken before
+        # the dp reduction, which defers them, so that dp_shard reduce-scatters whole sums)
         for name in self.stage.tp_partial_grads:
             p = self._params[name]
             before = self._grad_before.get(name)
             step = torch.zeros_like(p) if p.grad is None else (p.grad - before if before is not None else p.grad.clone())
             self.tp_transport.all_reduce_(step, what=f"gradient sum of {name} over tp, step {self._steps}")
             p.grad = step if before is None else before + step
+        if self.reducer is not None:
+            self.reducer.finish()
         if self.sharder is not None:  # the gradients are in the shards: free the full parameters
             self.sharder.reshard()
 
@@ -429,8 +431,9 @@ class HelixPipeline(torch.nn.Module):
         if self.tp_size > 1:
             agree(self.tp_transport, compiled, what="the compiled program (tp ranks)", fix=fix)
             whole = [n for n in self._params if n not in self.stage.tp_shards]
-            if whole:
-                agree(self.tp_transport, tuple(tensor_hash(self._params[n]) for n in whole),
+            held = self._params if self.sharder is None else {n: s.to_local() for n, s in self.sharder.shards.items()}
+            if whole:  # (under dp_shard: this dp index's rows, the same on the tp ranks)
+                agree(self.tp_transport, tuple(tensor_hash(held[n]) for n in whole),
                       what=f"the initial values of the {len(whole)} parameters every tp rank holds whole",
                       fix="initialize the model identically on every rank (same seed) or load the same checkpoint")
         for name, shared in self.stage.shared.items():

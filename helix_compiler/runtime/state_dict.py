@@ -102,7 +102,7 @@ def tp_local(stage, name: str, value: torch.Tensor) -> torch.Tensor:
     to the rank's piece; anything else is returned as it is (``load_state_dict`` then names a
     shape that fits neither)."""
     shard = stage.tp_shards.get(name)
-    if shard is None or not isinstance(value, torch.Tensor):
+    if shard is None or not isinstance(value, torch.Tensor) or name not in stage.params:
         return value
     local = stage.params[name]
     if tuple(value.shape) == shard.full_shape(local.shape, stage.tp_size) != tuple(local.shape):

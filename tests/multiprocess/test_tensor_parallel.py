@@ -54,7 +54,7 @@ def _worker(rank: int, cfg: dict) -> dict:
     pipe = helix_compile(model, cfg["pp"], seq, num_microbatches=M, mesh=mesh, timeout=60,
                          schedule=cfg.get("schedule", "helix"),
                          num_folds=2 if cfg.get("schedule", "helix") == "helix" else 1,
-                         sequence_parallel=cfg.get("sp"))
+                         sequence_parallel=cfg.get("sp"), dp_shard=cfg.get("dp_shard", False))
     st = pipe.stage
     assert st.tp_size == cfg["tp"] and st.tp_shards, "no parameter is split over tp"
     code = "\n".join(seg.gm.code for seg in st.segments.values())
@@ -91,9 +91,10 @@ def _worker(rank: int, cfg: dict) -> dict:
             if sh is not None:
                 want = sh.local(want, st.tp_rank, st.tp_size)
             assert p.grad is not None and p.grad.shape == want.shape, (rank, name)
-            if not torch.allclose(p.grad, want, rtol=rtol, atol=atol):
+            got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # dp_shard: over dp
+            if not torch.allclose(got, want, rtol=rtol, atol=atol):
                 raise AssertionError(f"rank {rank} step {step}: gradient of {name} differs by "
-                                     f"{float((p.grad - want).abs().max()):.3e}")
+                                     f"{float((got - want).abs().max()):.3e}")
         opt.step()
         ref_opt.step()
         opt.zero_grad()
@@ -104,6 +105,21 @@ def _worker(rank: int, cfg: dict) -> dict:
         assert sorted(full) == sorted(ref_params)
         for name, value in full.items():
             assert torch.allclose(value, ref_params[name].detach(), rtol=rtol, atol=atol), name
+        out["full"] = full if cfg.get("ckpt") else None
+    if cfg.get("ckpt"):  # a DCP checkpoint of the pieces and shards: saved whole, loaded back
+        from helix_compiler.checkpoint import load_checkpoint, save_checkpoint
+
+        def mine(t):
+            return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+        before = {n: mine(p) for n, p in pipe.named_parameters()}
+        save_checkpoint(cfg["ckpt"], pipe, opt)
+        with torch.no_grad():
+            for p in pipe.parameters():
+                p.zero_()
+        load_checkpoint(cfg["ckpt"], pipe, opt)
+        for n, p in pipe.named_parameters():
+            assert torch.equal(mine(p), before[n]), f"rank {rank}: {n} not restored from the checkpoint"
     out["owned"] = sorted(n for n, _ in pipe.named_parameters())
     out["all"] = sorted(ref_params)
     return out
@@ -119,15 +135,19 @@ CASES = {
     # shards to the attention stage, which gathers the sequence before the QKV GEMM
     "llama-shipped-weights-pp2-tp2": ("llama", dict(pp=2, tp=2, dims=("pp", "tp"), layers=2, seq=256)),
     "llama-pp2-tp2-dp2": ("llama", dict(pp=2, tp=2, dp=2, dims=("dp", "pp", "tp"), layers=2)),
+    # parameters and gradients sharded over dp too: dp shards of each tp rank's pieces
+    "llama-pp2-tp2-dp2-dp_shard-accumulate": ("llama", dict(pp=2, tp=2, dp=2, dims=("pp", "dp", "tp"), layers=2,
+                                                           dp_shard=True, calls=2)),
 }
 
 
 @pytest.mark.parametrize("arch,cfg", CASES.values(), ids=CASES.keys())
-def test_tensor_parallel_parity(arch, cfg):
+def test_tensor_parallel_parity(arch, cfg, tmp_path):
     from helix_compiler.runtime.launch import spawn_ranks
 
     world = cfg["pp"] * cfg["tp"] * cfg.get("dp", 1)
-    results = spawn_ranks(_worker, world, dict(arch=arch, **cfg), timeout=600)
+    ckpt = {"ckpt": str(tmp_path / "ckpt")} if cfg.get("dp_shard") else {}
+    results = spawn_ranks(_worker, world, dict(arch=arch, **cfg, **ckpt), timeout=600)
     rel = 1e-6 if arch.startswith("hf_") else RTOL  # HF computes its loss in float32
     for r in results:
         for got, want in r["losses"]:
@@ -139,6 +159,14 @@ def test_tensor_parallel_parity(arch, cfg):
     assert set().union(*(r["owned"] for r in results)) == set(results[0]["all"])
     assert sum(r["gathered"] for r in results) == cfg.get("dp", 1)  # pipeline rank 0, tp rank 0 of each replica
     assert len({r["losses"][0] for r in results}) == 1  # every rank of the mesh returns the same loss
+    if ckpt:  # the checkpoint holds the whole model: it loads into the plain model in one process
+        from helix_compiler.checkpoint import load_model_state
+
+        full = next(r["full"] for r in results if r.get("full"))
+        plain = _model(arch, cfg["layers"])
+        load_model_state(ckpt["ckpt"], plain)
+        for name, value in plain.named_parameters():
+            assert torch.equal(value.detach(), full[name]), f"single process: {name} differs"
 
 
 def _death_worker(rank: int) -> dict:
