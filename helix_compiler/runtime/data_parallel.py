@@ -93,20 +93,24 @@ class GradientReducer:
         rest = [n for n in self.stage.params if n not in started]
         for names in _split(rest, self.stage.params, self.bucket_bytes):
             self._start(names)
-        params = self.stage.params
-        for names, flat, handle in self._inflight:
-            handle.wait()
-            offset = 0
-            for n in names:
-                p = params[n]
-                part = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-                before = self._before.get(n)
-                p.grad = part.clone() if before is None else before + part
-            self.stats.buckets += 1
-            self.stats.nbytes += flat.numel() * flat.element_size()
+        with torch.no_grad():
+            for names, payload, handle in self._inflight:
+                handle.wait()
+                self.stats.nbytes += self._write_back(names, payload)
+                self.stats.buckets += 1
         self._inflight.clear()
         self.stats.exposed_s = time.perf_counter() - t0
+
+    def _write_back(self, names: list[str], flat: torch.Tensor) -> int:
+        """Put a reduced bucket's gradients in place; returns the bytes it reduced."""
+        offset = 0
+        for n in names:
+            p = self.stage.params[n]
+            part = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            before = self._before.get(n)
+            p.grad = part.clone() if before is None else before + part
+        return flat.numel() * flat.element_size()
 
     def abort(self) -> None:
         self.active = False

@@ -28,7 +28,6 @@ Then the full parameters are freed again.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
@@ -232,33 +231,20 @@ class ShardedGradientReducer(GradientReducer):
         handle = self.transport.reduce_scatter_async(recv, send, what=what)
         self._inflight.append((names, (lay, send, recv), handle))
 
-    def finish(self) -> None:
-        if not self.active:
-            return
-        self.active = False
-        t0 = time.perf_counter()
-        self.stats.overlapped = len(self._inflight)
-        started = {n for names, _, _ in self._inflight for n in names}
-        rest = [n for n in self.sharder.full if n not in started]
-        for names in _split(rest, self.sharder.full, self.bucket_bytes):
-            self._start(names)
+    def _write_back(self, names: list[str], payload) -> int:
+        """Add a reduce-scattered bucket's rows into the shards' ``.grad``."""
+        lay, send, recv = payload
         shards = self.sharder.current_shards()
-        with torch.no_grad():
-            for _names, (lay, send, recv), handle in self._inflight:
-                handle.wait()
-                for n, off, _ in lay.parts:
-                    shard = shards[n]
-                    loc = shard.to_local()
-                    part = recv[off:off + loc.numel()].view_as(loc)
-                    if shard.grad is None:
-                        shard.grad = DTensor.from_local(part.clone(), shard.device_mesh, shard.placements,
-                                                        run_check=False, shape=shard.shape, stride=shard.stride())
-                    else:
-                        shard.grad.to_local().add_(part.to(shard.grad.dtype))
-                self.stats.buckets += 1
-                self.stats.nbytes += send.numel() * send.element_size()
-        self._inflight.clear()
-        self.stats.exposed_s = time.perf_counter() - t0
+        for n, off, _ in lay.parts:
+            shard = shards[n]
+            loc = shard.to_local()
+            part = recv[off:off + loc.numel()].view_as(loc)
+            if shard.grad is None:
+                shard.grad = DTensor.from_local(part.clone(), shard.device_mesh, shard.placements,
+                                                run_check=False, shape=shard.shape, stride=shard.stride())
+            else:
+                shard.grad.to_local().add_(part.to(shard.grad.dtype))
+        return send.numel() * send.element_size()
 
 
 def parameter_bytes(pipe) -> dict[str, int]:

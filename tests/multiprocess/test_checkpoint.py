@@ -121,12 +121,10 @@ def test_meta_model_init_load_and_gradient_parity(arch):
 
 
 # ---------------------------------------------------------------------------- safetensors
-def _safetensors_worker(rank: int, cfg: dict) -> dict:
-    import safetensors
-
-    from helix_compiler import helix_compile, load_pretrained
-
-    read: list[str] = []
+def _spy_on_safetensors(safetensors) -> list[tuple[str, str]]:
+    """Wrap ``safetensors.safe_open``; the returned list records ``(key, "whole" | "piece")``
+    for every tensor read (``get_tensor`` / ``get_slice``)."""
+    read: list[tuple[str, str]] = []
     real_open = safetensors.safe_open
 
     class Spy:
@@ -144,10 +142,23 @@ def _safetensors_worker(rank: int, cfg: dict) -> dict:
             return self.f.keys()
 
         def get_tensor(self, key):
-            read.append(key)
+            read.append((key, "whole"))
             return self.f.get_tensor(key)
 
+        def get_slice(self, key):
+            read.append((key, "piece"))
+            return self.f.get_slice(key)
+
     safetensors.safe_open = Spy
+    return read
+
+
+def _safetensors_worker(rank: int, cfg: dict) -> dict:
+    import safetensors
+
+    from helix_compiler import helix_compile, load_pretrained
+
+    read = _spy_on_safetensors(safetensors)
     model = _build("hf_llama", meta=True, dtype=torch.float32)
     pipe = helix_compile(model, 2, SEQ, num_microbatches=4, timeout=30)
     load_pretrained(pipe, cfg["path"])
@@ -155,7 +166,7 @@ def _safetensors_worker(rank: int, cfg: dict) -> dict:
     ref_named = dict(ref.named_parameters())
     for name, t in pipe.named_parameters():
         assert torch.equal(t, ref_named[name]), f"rank {rank}: {name} not loaded"
-    return {"read": sorted(read), "owned": sorted(pipe.state_dict())}
+    return {"read": sorted(key for key, _ in read), "owned": sorted(pipe.state_dict())}
 
 
 def test_load_pretrained_reads_only_owned_tensors_of_a_sharded_checkpoint(tmp_path):
@@ -230,32 +241,8 @@ def _dcp_load_worker(rank: int, cfg: dict) -> dict:
         pipe.load_state_dict(cfg["saved"])  # whole tensors: each tp rank keeps its piece
         out["from_state_dict"] = {n: t.detach().clone() for n, t in pipe.named_parameters()}
         import safetensors
-        read = []
         real_open = safetensors.safe_open
-
-        class Spy:  # records what is read of each tensor
-            def __init__(self, *a, **k):
-                self.f = real_open(*a, **k)
-
-            def __enter__(self):
-                self.f.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return self.f.__exit__(*exc)
-
-            def keys(self):
-                return self.f.keys()
-
-            def get_tensor(self, key):
-                read.append((key, "whole"))
-                return self.f.get_tensor(key)
-
-            def get_slice(self, key):
-                read.append((key, "piece"))
-                return self.f.get_slice(key)
-
-        safetensors.safe_open = Spy
+        read = _spy_on_safetensors(safetensors)
         load_pretrained(pipe, cfg["safetensors"])
         safetensors.safe_open = real_open
         out["from_safetensors"] = {n: t.detach().clone() for n, t in pipe.named_parameters()}

@@ -16,25 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytestmark = [pytest.mark.multiprocess]
 
-SEQ = 32
-RTOL, ATOL = 1e-9, 1e-12
-
-
-def _model(arch: str):
-    from helix_compiler.models import Llama, LlamaConfig, hf_model
-
-    torch.manual_seed(0)
-    m = Llama(LlamaConfig(num_layers=4)) if arch == "llama" else hf_model(arch.removeprefix("hf_"), num_layers=4)
-    return m.to(torch.float64)
-
-
-def _batch(rows: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (rows, SEQ), generator=g)
-    labels = torch.randint(0, 256, (rows, SEQ), generator=g)
-    for r in range(rows):  # uneven counted tokens per micro batch
-        labels[r, torch.randperm(SEQ, generator=g)[:int(torch.randint(0, SEQ // 2, (), generator=g))]] = -100
-    return ids, labels
+# the same models and batches as the replicated mode's tests (this folder is on sys.path, also
+# in the spawned ranks)
+from test_data_parallel import ATOL, RTOL, SEQ, _batch, _model  # noqa: E402
 
 
 def _errors() -> dict:

@@ -80,7 +80,8 @@ def test_every_pass_is_recorded_in_order_with_its_node_counts(name, mlp_chunks):
         assert c.nodes_after < c.nodes_before and c.detail == "2 chunks"
     assert by_name["build_segments"].detail == f"{len(program.segments)} segments"
     n_instrs = sum(len(p) for p in program.schedule.programs)
-    assert by_name["build_schedule"].detail == f"{n_instrs} instructions"
+    assert by_name["build_schedule"].detail == (f"{n_instrs} instructions; head on stage "
+                                                f"{program.schedule.head_stage}")  # the default rule's pick
     assert all(r.wall_s >= 0 and r.cpu_s >= 0 for r in recs) and sum(r.wall_s for r in recs) <= wall
     # printed with the program
     report = program.pass_report()
