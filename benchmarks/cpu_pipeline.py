@@ -79,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helix_compiler.reporting import cpu_model, write_section  # noqa: E402
 from helix_compiler.runtime.launch import spawn_ranks  # noqa: E402
+from helix_compiler.sim.measured import instruction_samples  # noqa: E402
 
 P = 2  # ranks
 
@@ -221,7 +222,7 @@ class HelixRunner:
         self.program = program.reschedule(schedule=kind, num_microbatches=M, head_stage=head_stage,
                                           num_folds=folds if kind == "helix" else 1, recompute=recompute)
         self.name, self.rank, self.ids, self.labels = name, rank, ids, labels
-        self.events: list[tuple[str, str, int, float, float]] = []  # (op, seg, mb, start, end)
+        self.events: list[tuple] = []  # (instr, start, end)
         self.pipe = HelixPipeline(lower_program(self.program), rank=rank, transport=transport,
                                   schedule=self.program.schedule, hooks=(self._hook,), check_batch=True)
         self.pipe.check_consistent()  # what helix_compile does before the first step
@@ -232,7 +233,7 @@ class HelixRunner:
         self.pooled: dict[str, list[float]] = {}  # samples of all timed rounds
 
     def _hook(self, instr, start: float, end: float) -> None:
-        self.events.append((instr.op, instr.seg, instr.mb, start, end))
+        self.events.append((instr, start, end))
 
     def step(self):
         self.events.clear()
@@ -246,20 +247,16 @@ class HelixRunner:
         self.loss = float(loss.detach())
         previews = list(self.pipe.executor.preview_times.values())
         d: dict[str, float] = defaultdict(float)
-        samples: dict[str, list[float]] = defaultdict(list)
-        instr_total = 0.0
-        for op, seg, _mb, s0, s1 in self.events:
-            dur = s1 - s0
-            instr_total += dur
-            nested = sum(p1 - p0 for p0, p1 in previews if s0 <= p0 and p1 <= s1)  # the loss preview inside
-            dur -= nested
-            if op in ("F", "R", "B"):
-                d[f"{self.GROUP[self.kind_of[seg]]}.{op}"] += dur
-                samples[f"{op} {seg}"].append(dur)
-            else:
-                d[{"RECV": "recv_wait", "SEND": "send_post", "FREE": "free"}[op]] += dur
-        d["head.preview"] = sum(p1 - p0 for p0, p1 in previews)
-        samples["preview"] = [p1 - p0 for p0, p1 in previews]
+        samples = instruction_samples(self.events, previews)  # the loss preview taken out of its instruction
+        instr_total = sum(s1 - s0 for _, s0, s1 in self.events)
+        for key, durs in samples.items():
+            if key == "preview":
+                continue
+            op, seg = key.split(" ", 1)
+            group = f"{self.GROUP[self.kind_of[seg]]}.{op}" if op in ("F", "R", "B") else {
+                "RECV": "recv_wait", "SEND": "send_post", "FREE": "free"}[op]
+            d[group] += sum(durs)
+        d["head.preview"] = sum(samples["preview"])
         d["recompute"] = sum(v for k, v in d.items() if k.endswith(".R"))
         d["busy"] = sum(v for k, v in d.items() if k[-2:] in (".F", ".R", ".B")) + d["head.preview"]
         d["fwd_half"] = t1 - t0
@@ -535,28 +532,14 @@ def _measure_link(transport, rank: int, nbytes: int, reps: int = 9) -> tuple[flo
 
 
 def _simulate(program, samples: dict[str, list[float]], link: tuple[float, float]) -> dict:
-    """``simulate_times`` of the configuration's schedule with OpTimes from its measured
-    instruction times: per (op, segment) the median over micro batches and timed rounds; the loss
-    preview folded into the final segment's forward; saved / recompute bytes 0 (time only);
-    out_bytes from the cost model at (b=1, s)."""
-    from helix_compiler.sim.costs import OpTimes
+    """``simulate_times`` of the configuration's schedule with ``sim.measured.measured_op_times``:
+    per (op, segment) the median of its measured instruction times over micro batches and timed
+    rounds, the loss preview folded into the final segment's forward; bytes from the cost model."""
     from helix_compiler.sim.engine import simulate_times
+    from helix_compiler.sim.measured import measured_op_times
 
-    sched = program.schedule
-    s = program.config.seq_len
-    cost = {seg.name: seg.cost for seg in program.segments}
-    med = lambda key: statistics.median(samples[key]) if samples.get(key) else 0.0  # noqa: E731
-    specs = sorted(sched.specs, key=lambda sp: sp.index)
-    fwd = [med(f"F {sp.name}") for sp in specs]
-    fwd[-2] += med("preview")  # the final segment's forward delivers the hidden state the preview reads
-    bwd = [med(f"B {sp.name}") for sp in specs]
-    zero = (0.0,) * len(specs)
-    times = OpTimes(fwd=tuple(fwd), bwd=tuple(bwd), bwd_input=tuple(b / 2 for b in bwd),
-                    bwd_weight=tuple(b / 2 for b in bwd), recompute=tuple(med(f"R {sp.name}") for sp in specs),
-                    saved_bytes=zero, recompute_bytes=zero,
-                    out_bytes=tuple(cost[sp.name].at(1, s)["out_bytes"] for sp in specs))
     bw, lat = link
-    res = simulate_times(sched, times, link=lambda src, dst: (bw, lat))
+    res = simulate_times(program.schedule, measured_op_times(program, samples), link=lambda src, dst: (bw, lat))
     return {"pred": res.iteration_time, "busy": list(res.busy)}
 
 
@@ -865,7 +848,7 @@ def _fidelity(L, summary: dict, Ms, link: dict | None) -> None:
       f"`OpTimes` from its measured instruction times (the hook's), per (op, segment) the median over micro "
       f"batches and timed rounds, the loss preview folded into the final segment's forward (where it ran inside "
       f"a RECV on the head's rank, this moves it to the final segment's rank), B split in halves "
-      f"for I/W (unused), saved / recompute bytes 0; out_bytes from `program.costs` at (b=1, s). Link: gloo "
+      f"for I/W (unused) (`sim.measured.measured_op_times`); bytes from `program.costs` at (b=1, s). Link: gloo "
       f"loopback through the run's own Transport, ping-pong after the timed rounds (both ranks otherwise idle): "
       f"latency = one-way 1 KB time {link['latency'] * 1e6:.0f} us, bandwidth = extra bytes / extra one-way "
       f"time from 1 KB to {link['nbytes'] / 2**20:.2f} MiB (the chain's largest boundary) "

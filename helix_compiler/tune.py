@@ -524,10 +524,10 @@ class _Context:
     def memory_bound(self, ckey, variant, k, b: int, rc: str, memory: MemoryModel, per_tp_rank: bool) -> float:
         """A lower bound of the largest per-rank peak: on every rank, the stashes of the
         forwards before its first backward are all held when that backward starts (each at
-        least its policy's saved bytes less the shipped weights it may alias), plus what the
+        least its policy's saved bytes less what a local input may alias), plus what the
         rank holds all step."""
         t = self.times(variant, k, b, rc)
-        kept = [sv - (t.shipped_saved[c] if t.shipped_saved else 0.0) for c, sv in enumerate(t.saved_bytes)]
+        kept = [sv - (t.local_alias[c] if t.local_alias else 0.0) for c, sv in enumerate(t.saved_bytes)]
         acts = [sum(n * x for n, x in zip(c["F_before_B"], kept, strict=True)) for c in self.counts(ckey)]
         return max(m.total for m in memory.per_rank(self.compute(ckey), acts, per_tp_rank=per_tp_rank))
 

@@ -52,11 +52,19 @@ _MISSING = object()
 
 
 # --- 1. state --------------------------------------------------------------------------------------
-def _same(a, b) -> bool:
+def _same(a, b, depth: int = 0) -> bool:
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
         return False
+    if depth < 4:  # containers and modules held outside _modules, compared by what they hold
+        if isinstance(a, torch.nn.Module):  # e.g. transformers' per-layer table of kernel modules
+            sa, sb = _state(a), _state(b)
+            return sa.keys() == sb.keys() and all(_same(sa[k], sb[k], depth + 1) for k in sa)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(_same(a[k], b[k], depth + 1) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(_same(x, y, depth + 1) for x, y in zip(a, b, strict=True))
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - an incomparable value is a difference

@@ -22,7 +22,13 @@ import torch.fx as fx
 
 from ..errors import HelixError
 from ..ir.program import Segment
-from ..ir.recompute import policy_for
+from ..ir.recompute import (
+    STASH_ALL,
+    STASH_ALL_BUT_ATTENTION,
+    STASH_INPUTS,
+    STASH_INPUTS_ATTENTION,
+    policy_for,
+)
 from ..ir.segment import POLICIES, SegmentCost
 from ..kernels import attention as _attention_op  # noqa: F401  (registers helix::attention)
 from ..kernels.chunked_mlp import chunked_gelu_mlp, chunked_swiglu_mlp
@@ -42,6 +48,7 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, ate
          aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
          aten.slice.Tensor, aten.select.int, aten.alias.default, aten.contiguous.default,
          aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default}
+COPY_IF_STRIDED = {aten.reshape.default, aten.contiguous.default}
 POINTWISE_SAVE_INPUT = {aten.gelu.default, aten.silu.default, aten.pow.Tensor_Scalar, aten.sin.default,
                         aten.cos.default}
 # autograd saves these ops' results, not their inputs (mean.dim saves nothing: only sizes)
@@ -79,12 +86,24 @@ def _prod(xs) -> sympy.Expr:
 
 
 def _is_view(n: fx.Node) -> bool:
-    """A view op, or one piece (getitem) of a split/chunk: it shares its input's storage."""
+    """A view op, or one piece (getitem) of a split/chunk: it shares its input's storage
+    (a reshape or contiguous of a non-contiguous tensor, e.g. heads transposed back, copies)."""
     if n.op != "call_function":
         return False
     if n.target is operator.getitem:
         return n.args[0].op == "call_function" and n.args[0].target in VIEWS
+    if n.target in COPY_IF_STRIDED:
+        src = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        if isinstance(src, torch.Tensor) and not _contiguous(src):
+            return False
     return n.target in VIEWS
+
+
+def _contiguous(t: torch.Tensor) -> bool:
+    try:
+        return bool(t.is_contiguous())
+    except Exception:  # noqa: BLE001 - symbolic strides that cannot be decided: take it as a view
+        return True
 
 
 def _base(n: fx.Node) -> fx.Node:
@@ -182,6 +201,41 @@ def _chunked_mlp_cost(n: fx.Node, sz: _Sizes) -> tuple[sympy.Expr, sympy.Expr, s
     n_saved = 2 if n.target is chunked_gelu_mlp else 4
     saved = n_saved * tokens * ffn * n.meta["val"].element_size()
     return sum(flops[:-1], sympy.Integer(0)), flops[-1], saved
+
+
+def _runtime_memory(rules, sz, chain_phs, saved, attn_nodes, outs, is_param):
+    """What the runtime holds per policy, counted by storage (``SegmentCost.held_bytes``,
+    ``rerun_bytes``, ``out_new_bytes``), from four sets of storages: the chain inputs (the
+    executor keeps them as the forward's autograd leaves), what autograd saves (``saved``,
+    keyed by base node), the attentions' (out, lse) (a recorded or replayed attention's output
+    is that storage) and the outputs (parameters left out: shipped weights are the weights)."""
+
+    def storage(n):
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in attn_nodes:
+            return n.args[0]
+        return _base(n)
+
+    inputs = {storage(ph): sz.nbytes(ph) for ph in chain_phs}
+    attention = {n: saved[n] for n in attn_nodes if n in saved}
+    outputs = {}  # a view's storage is its base's (q, k, v split from one projection: one storage)
+    for o in outs:
+        if isinstance(o, fx.Node) and o.op != "get_attr" and not is_param.get(o, False):
+            key = storage(o)
+            outputs[key] = sz.nbytes(o if key in attn_nodes else key)
+
+    def size(*sets, minus=()) -> sympy.Expr:
+        keys = set().union(*sets) - set().union(*minus)
+        return sympy.expand(sum((next(d[k] for d in sets if k in d) for k in keys), sympy.Integer(0)))
+
+    stashed = {STASH_ALL: (saved,), STASH_INPUTS: (), STASH_INPUTS_ATTENTION: (attention,),
+               STASH_ALL_BUT_ATTENTION: ({k: v for k, v in saved.items() if k not in attention},)}
+    held, rerun, out_new = {}, {}, {}
+    for pol, r in rules.items():
+        kept = (inputs, *stashed[r.stash])
+        held[pol] = size(*kept)
+        rerun[pol] = size(saved, outputs, minus=kept) if r.recomputes else sympy.Integer(0)
+        out_new[pol] = size(outputs, minus=(*kept, saved) if r.stash == STASH_ALL else kept)
+    return held, rerun, out_new
 
 
 def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: dict[str, int],
@@ -323,9 +377,11 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
     boundary = act_in + shipped_in
     rules = {pol: policy_for(pol, kind) for pol in POLICIES}  # the one policy table (ir.recompute)
     saved_bytes = {pol: r.saved(all=none_bytes, inputs=boundary, attention=out_lse) for pol, r in rules.items()}
+    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    held, rerun, out_new = _runtime_memory(rules, sz, chain_phs, saved, attn_nodes,
+                                           [] if seg.spec.kind == "head" else outs, is_param)
     recompute = {pol: r.rerun_flops(forward=fwd, attention=attn_f, zero=sympy.Integer(0))
                  for pol, r in rules.items()}
-    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     out_bytes = sum((sz.nbytes(o) for o in outs), sympy.Integer(0)) if seg.spec.kind != "head" else sympy.Integer(0)
     ship_out = sum((sz.nbytes(o) for o in outs if o.op == "get_attr"), sympy.Integer(0))
     assert set(saved_bytes) == set(POLICIES)
@@ -334,6 +390,7 @@ def segment_cost(seg: Segment, *, to_expr, owned_params: set[str], param_bytes: 
         flops_bwd_weight=sympy.expand(bwd_w), attention_flops_fwd=sympy.expand(attn_f),
         attention_flops_bwd=sympy.expand(attn_b), recompute_flops={k: sympy.expand(v) for k, v in recompute.items()},
         saved_bytes={k: sympy.expand(v) for k, v in saved_bytes.items()},
+        held_bytes=held, rerun_bytes=rerun, out_new_bytes=out_new,
         param_bytes=sympy.Integer(sum(param_bytes[p] for p in seg.params if p in owned_params)),
         out_bytes=sympy.expand(out_bytes), shipped_param_bytes=sympy.expand(ship_out),
         extra={**_fraction_extra(attn_frac, always=document_lengths is not None),

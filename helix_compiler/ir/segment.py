@@ -72,6 +72,11 @@ class SegmentCost:
     shipped_param_bytes: sympy.Expr = sympy.Integer(0)  # part of out_bytes that is weights
     attention_causal_factor: sympy.Rational = sympy.Rational(1, 2)
     extra: dict[str, sympy.Expr] = field(default_factory=dict)
+    # What the runtime holds, per policy, counted by storage (the graph cost model fills them;
+    # empty: the simulator derives them from saved_bytes / out_bytes, see sim.costs.op_times):
+    held_bytes: dict[str, sympy.Expr] = field(default_factory=dict)  # the stash, F to the end of B
+    rerun_bytes: dict[str, sympy.Expr] = field(default_factory=dict)  # what R adds, to the end of B
+    out_new_bytes: dict[str, sympy.Expr] = field(default_factory=dict)  # outputs not aliasing the above
 
     def at(self, b: int, s: int) -> dict[str, float]:
         """Numbers at concrete sizes (policies flattened as ``saved_bytes[policy]``)."""
@@ -83,6 +88,7 @@ class SegmentCost:
             out[name] = float(sympy.sympify(getattr(self, name)).subs(env))
         for pol, e in self.recompute_flops.items():
             out[f"recompute_flops[{pol}]"] = float(sympy.sympify(e).subs(env))
-        for pol, e in self.saved_bytes.items():
-            out[f"saved_bytes[{pol}]"] = float(sympy.sympify(e).subs(env))
+        for field_name in ("saved_bytes", "held_bytes", "rerun_bytes", "out_new_bytes"):
+            for pol, e in getattr(self, field_name).items():
+                out[f"{field_name}[{pol}]"] = float(sympy.sympify(e).subs(env))
         return out

@@ -494,6 +494,30 @@ def _reject_softcap_and_alibi(x: fx.Node, softmax: fx.Node, probe: _MaskProbe) -
             f"the attention bias")
 
 
+# views whose output layout follows their input's (a reshape or contiguous may copy)
+_LAYOUT_VIEWS = {aten.transpose.int, aten.permute.default, aten.reshape.default, aten.view.default,
+                 aten._unsafe_view.default, aten.contiguous.default, aten.unsqueeze.default, aten.squeeze.dim}
+
+
+def _refresh_layouts(out: fx.Node) -> None:
+    """The views of the replaced call's output were traced with that call's output layout
+    (e.g. the CPU flash kernel's (b, s, h, d) strides); helix::attention returns contiguous
+    (b, h, s, d). Recompute their fake values, so that the cost model sees which reshape
+    copies."""
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op != "call_function" or u.target not in _LAYOUT_VIEWS:
+                continue
+            try:
+                vals = fx.node.map_arg((u.args, u.kwargs), lambda a: a.meta["val"])
+                u.meta["val"] = u.target(*vals[0], **vals[1])
+            except Exception:  # noqa: BLE001 - keep the traced value; only byte counts depend on it
+                continue
+            stack.append(u)
+
+
 def _diagnose_unmatched(softmax: fx.Node, probe: _MaskProbe) -> None:
     """A softmax that did not match attention (Bloom's ``bmm`` on 3-d views, say): raise if its
     scores carry an ALiBi bias, so the error names the feature instead of "no attention"."""
@@ -651,6 +675,7 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
         out.meta["nn_module_stack"] = op.meta["nn_module_stack"]
         result.replace_all_uses_with(out)
         graph.erase_node(result)
+        _refresh_layouts(out)
         count += 1
     # Attention-probability dropout (p=0) is "impure" to fx's DCE; once its matmul is gone it
     # is dead all the same.

@@ -9,7 +9,8 @@ for its backward. Every segment runs on detached leaf inputs, so a backward is o
 inputs for the previous segment: a local hand-over and a network hop look the same.
 
 Memory is what the schedule says: a buffer lives from the instruction that makes it to its
-FREE; a sent buffer stays referenced by the transport only until its send completes.
+FREE; a sent buffer stays referenced by the transport until its send has completed (the peer
+has posted the receive) and is released at the next instruction after that.
 Randomness: a segment with random ops (dropout) records the RNG state of its forward and
 restores it for every rerun (recompute, the head's loss preview), as
 ``torch.utils.checkpoint`` does, so the gradient is that of the returned loss.
@@ -141,8 +142,10 @@ class Executor:
 
     def run(self, start: int, stop: int) -> None:
         instrs = self._instrs
+        release_sent = self.transport.release_sent
         for k in range(start, stop):
             instr = instrs[k]
+            release_sent()  # the sends completed so far give their buffers back here, on this thread
             t0 = time.perf_counter()
             try:
                 with torch.profiler.record_function(str(instr)), \

@@ -4,11 +4,16 @@ One :class:`Transport` per rank, over the default process group or a given one (
 always ranks *of that group*):
 
 * ``send(tensors, dst, fold=f, tag=...) -> SendHandle`` posts an asynchronous send. A
-  completion thread per peer waits for that peer's sends in posting order and drops the
-  transport's references to the tensors as soon as each completes (gloo p2p works report
-  completion only through ``wait()``, which releases the GIL); ``inflight_send_bytes()``
-  counts what is not completed yet. An error in that thread is raised on the calling thread
-  at its next transport call, naming the send.
+  completion thread per peer waits for that peer's sends in posting order (gloo p2p works
+  report completion only through ``wait()``, which releases the GIL) and marks each one done;
+  the calling thread drops the transport's references to completed sends' tensors in
+  ``release_sent()`` (the executor calls it before every instruction), so every free happens
+  on the thread that allocated, where torch's profiler sees it, at a point of the program.
+  A send completes only once the peer has posted the matching receive (gloo and NCCL
+  point-to-point are rendezvous: a 1 KB gloo ``isend`` to a peer that posts 1 s later
+  completes 1 s later); ``inflight_send_bytes()`` counts what is not completed yet. An error
+  in that thread is raised on the calling thread at its next transport call, naming the
+  send.
 * ``recv(specs, src, fold=f, tag=...) -> RecvHandle`` posts the receive at once into fresh
   buffers; ``RecvHandle.wait()`` waits for that receive only (its header and payload).
 * ``wait_fold(f)`` waits for fold ``f``'s sends and receives only; ``drain()`` for all.
@@ -44,6 +49,7 @@ list, with a warning).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -174,6 +180,7 @@ class _SendState:
         self.waiters = 0
         self.error: tuple[_Op, BaseException, float] | None = None  # first failed send
         self.cpu_blocking = cpu_blocking
+        self.completed: collections.deque[_Op] = collections.deque()  # done, tensors not yet dropped
 
 
 def _complete_sends(q: queue.SimpleQueue, st: _SendState) -> None:
@@ -202,11 +209,11 @@ def _complete_sends(q: queue.SimpleQueue, st: _SendState) -> None:
                 op.state = _FAILED
                 st.cv.notify_all()
             continue
-        w = None  # the Work references the tensor too
+        w = None  # the Work references the tensor too: the op's list keeps it to the release
         with st.cv:
-            op.works = op.keep = None  # the last references to the sent tensors
             op.state = _DONE
             st.inflight -= op.nbytes
+            st.completed.append(op)  # Transport.release_sent drops the tensors on the caller's thread
             if st.waiters:
                 st.cv.notify_all()
         op = None
@@ -379,6 +386,7 @@ class Transport:
             self._alive()
         if dst == self.rank or not 0 <= dst < self.world_size:
             self._check_peer(dst)
+        self.release_sent()  # whoever drives the transport, completed sends do not pile up
         ts = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         self._sent_seq[dst] += 1
         op = _Op(_SEND, dst, fold, tag, self._sent_seq[dst],
@@ -470,6 +478,7 @@ class Transport:
             self._complete(op, deadline)
         # only now: after a failure the requests stay referenced
         del self._pending[fold]
+        self.release_sent()
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait for all pending requests of all folds (end of an iteration)."""
@@ -478,6 +487,7 @@ class Transport:
             for op in self._pending[fold]:
                 self._complete(op, deadline)
             del self._pending[fold]
+        self.release_sent()
 
     def pending(self, fold: int | None = None) -> int:
         """How many posted requests (of ``fold``, or of all folds) have not completed (sends)
@@ -489,6 +499,17 @@ class Transport:
         """Bytes of posted sends that have not completed (the transport still references
         their tensors)."""
         return self._sends.inflight
+
+    def release_sent(self) -> int:
+        """Drop the references to the tensors of every send completed so far (on this, the
+        calling thread); returns how many sends were released."""
+        done = self._sends.completed
+        n = 0
+        while done:
+            op = done.popleft()
+            op.works = op.keep = None
+            n += 1
+        return n
 
     def abort(self, reason: str) -> None:
         """Record ``reason`` for the other ranks (see :func:`report_failure`) and make this
@@ -687,6 +708,7 @@ class Transport:
 
     def _wait_send(self, op: _Op, deadline: float) -> None:
         if op.state == _DONE:
+            self.release_sent()
             return
         st = self._sends
         t0 = time.monotonic()
@@ -702,6 +724,7 @@ class Transport:
                 st.waiters -= 1
         self.stats.wait_s += time.monotonic() - t0
         if op.state == _DONE:
+            self.release_sent()
             return
         if st.error is not None:
             self._alive()

@@ -21,9 +21,13 @@ Durations of one segment for one micro batch on a device (``dtype`` picks the pe
 shares (attention backward counts as input gradient), ``R`` the recompute FLOPs of the
 schedule's policy (attention FLOPs in them, at the attention rate, only where the policy table
 ``ir.recompute`` says the recompute reruns attention: ``full`` and ``selective``).
-Memory: ``saved_bytes[policy]`` is kept from the end of ``F`` to the stash's ``FREE``; ``R``
-adds ``saved_bytes["none"] - saved_bytes[policy]`` (what the recomputation rematerializes)
-until then. Messages carry ``out_bytes`` (the gradient of a boundary has its size).
+Memory, what the runtime holds (the graph cost model's ``SegmentCost.held_bytes``,
+``rerun_bytes``, ``out_new_bytes``, counted by storage): a forward's stash from the end of
+``F`` to the end of its ``B``; what ``R`` adds (the saved tensors and outputs it rebuilds) to
+the end of ``B``; the new memory of a forward's outputs on its own rank. Costs without them
+(the analytic chains) use ``saved_bytes[policy]``, ``saved_bytes["none"] - saved_bytes[policy]
++ out_bytes`` and ``out_bytes - shipped_param_bytes``. Messages carry ``out_bytes`` (the
+gradient of a boundary has its size).
 """
 
 from __future__ import annotations
@@ -49,14 +53,18 @@ class OpTimes:
     bwd_input: tuple[float, ...]
     bwd_weight: tuple[float, ...]
     recompute: tuple[float, ...]
-    saved_bytes: tuple[float, ...]
-    recompute_bytes: tuple[float, ...]
-    out_bytes: tuple[float, ...]
-    # weights among a segment's outputs (shipped to an attention stage): a forward that hands
-    # them over on its own rank allocates nothing for them ...
-    shipped_bytes: tuple[float, ...] = ()
-    # ... and the part of saved_bytes that is those weights received as inputs
-    shipped_saved: tuple[float, ...] = ()
+    saved_bytes: tuple[float, ...]  # the stash of a forward, from its end to the end of its B
+    recompute_bytes: tuple[float, ...]  # what R adds (rebuilt saved tensors and outputs), to the end of B
+    out_bytes: tuple[float, ...]  # a message (the output, or the gradient of it)
+    # the outputs' new memory on the producing rank (default out_bytes): outputs that are its
+    # inputs passed through, its stash or parameters (shipped weights) allocate nothing ...
+    local_out_bytes: tuple[float, ...] = ()
+    # ... and so the part of saved_bytes[c] that a forward handed its input on its own rank
+    # does not allocate again (default 0)
+    local_alias: tuple[float, ...] = ()
+    # the stash of a forward run under autograd where the policy would stash less (a forward
+    # whose backward follows at once gets no R; default saved_bytes + recompute_bytes)
+    graph_bytes: tuple[float, ...] = ()
 
     def duration(self, op: str, c: int) -> float:
         return {"F": self.fwd, "B": self.bwd, "I": self.bwd_input, "W": self.bwd_weight,
@@ -140,14 +148,26 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
         if recompute not in c.saved_bytes:
             raise HelixError(f"segment {k}: its SegmentCost has no saved_bytes for policy "
                              f"{recompute!r} (it has {sorted(c.saved_bytes)})")
+        out = num(c.out_bytes)
+        fields["out_bytes"].append(out)
+        if c.held_bytes:  # the runtime's memory, counted by storage (cost.model)
+            fields["saved_bytes"].append(num(c.held_bytes[recompute]))
+            fields["graph_bytes"].append(num(c.held_bytes["none"]))
+            fields["recompute_bytes"].append(num(c.rerun_bytes[recompute]))
+            fields["local_out_bytes"].append(num(c.out_new_bytes[recompute]))
+            prev = k - 1
+            fields["local_alias"].append(fields["out_bytes"][prev] - fields["local_out_bytes"][prev] if k else 0.0)
+            continue
         saved = num(c.saved_bytes[recompute])
         full = num(c.saved_bytes.get("none", c.saved_bytes[recompute]))
+        shipped = num(c.shipped_param_bytes)
         fields["saved_bytes"].append(saved)
-        fields["recompute_bytes"].append(max(full - saved, 0.0) if rf > 0 else 0.0)
-        fields["out_bytes"].append(num(c.out_bytes))
-        fields["shipped_bytes"].append(num(c.shipped_param_bytes))
+        fields["graph_bytes"].append(max(full, saved))
+        fields["recompute_bytes"].append(max(full - saved, 0.0) + out if rf > 0 else 0.0)
+        fields["local_out_bytes"].append(out - shipped)
         counts_inputs = policy_for(recompute, specs[k].kind).stash in (STASH_INPUTS, STASH_INPUTS_ATTENTION)
-        fields["shipped_saved"].append(fields["shipped_bytes"][k - 1] if k > 0 and counts_inputs else 0.0)
+        shipped_in = fields["out_bytes"][k - 1] - fields["local_out_bytes"][k - 1] if k else 0.0
+        fields["local_alias"].append(shipped_in if counts_inputs else 0.0)
     return OpTimes(**{k: tuple(v) for k, v in fields.items()})
 
 

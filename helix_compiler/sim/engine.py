@@ -7,23 +7,32 @@ Model:
 * communication is asynchronous and overlaps compute: a ``SEND`` costs the sender no compute
   time; the message leaves when the sender's outgoing link (one per rank for peers on the same
   node, one for peers on other nodes) is free, occupies it for ``bytes / bandwidth`` and
-  arrives ``latency`` later; messages match FIFO per (src, dst) pair;
+  arrives ``latency`` later; messages match FIFO per (src, dst) pair. A send is a rendezvous
+  (gloo and NCCL point-to-point are): it completes, and the receiver has the data, no sooner
+  than ``bytes / bandwidth`` (+ ``latency`` for the arrival) after the receiver posted the
+  matching receive;
 * a ``RECV`` is where a rank waits: its compute stream idles until the message has arrived;
 * memory (activations only, no parameters / optimizer state / kernel workspaces): a forward's
-  stash (``saved_bytes`` of the policy) from the end of ``F`` to its ``FREE`` (to the end of
-  ``B``/``W`` when the schedule has no frees); a recompute adds what it rematerializes until
-  then; a boundary value a rank holds (its own output or a received message) counts until the
-  consumer's forward starts (it then lives on in the consumer's stash, whose ``saved_bytes``
-  include the inputs) or, when sent, until the send has completed; a gradient from its
-  production / arrival until its ``FREE`` (or until it was sent).
+  stash (``saved_bytes`` of the policy) from the end of ``F`` to the end of its ``B`` (the
+  runtime's backward releases it, and the gradient it consumed, as autograd runs; to the
+  stash's ``FREE`` after an ``I``, to the end of ``W`` without frees); a recompute adds what
+  it rematerializes until then; a boundary value a rank holds (its own output, what of it is
+  new memory there, or a received message) counts until the consumer's forward starts (it
+  then lives on in the consumer's stash, whose ``saved_bytes`` include the inputs) or, when
+  sent, until its ``FREE`` and the send's completion; a gradient from its production /
+  arrival until its ``B`` or ``FREE`` (or until it was sent) and the send's completion.
+  ``SimResult.memory_after`` samples that memory after every instruction in program order, as
+  ``runtime.profiling.instruction_memory`` samples a real run.
 
-Every rank's timeline is exact given the durations: a rank only waits at RECVs and the send
-time of a message only depends on the sender, so the simulation processes ranks in any order
-and repeats until all programs are done.
+Every rank's timeline is exact given the durations: a rank only waits at RECVs, the send time
+of a message only depends on the sender and its arrival on that and the receiver's own post,
+so the simulation processes ranks in any order and repeats until all programs are done.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -68,6 +77,8 @@ class SimResult:
     tokens_per_iteration: float = 0.0
     device_name: str = ""
     meta: dict = field(default_factory=dict)
+    # per rank: bytes after each instruction of its program, in program order
+    memory_after: list[list[float]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -214,25 +225,30 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
     queues: dict[tuple[int, int], deque] = defaultdict(deque)
     events: list[OpEvent] = []
     messages: list[MessageEvent] = []
-    mem_deltas: list[list[tuple[float, float]]] = [[] for _ in range(p)]
+    mem_deltas: list[list[tuple[float, float, int]]] = [[] for _ in range(p)]  # (time, bytes, instr)
     stash: list[dict[tuple[int, int], float]] = [dict() for _ in range(p)]
     stash_only: list[list[tuple[float, float]]] = [[] for _ in range(p)]
-    # boundary buffers: key (value, c, m) -> (bytes, release-not-before time)
-    bufs: list[dict[tuple[str, int, int], list[float]]] = [dict() for _ in range(p)]
+    # boundary buffers: key (value, c, m) -> [bytes, release-not-before time, local, sends], sends:
+    # the rendezvous ((src, dst), message ordinal, transfer seconds) its release also waits for
+    bufs: list[dict[tuple[str, int, int], list]] = [dict() for _ in range(p)]
+    ends: list[list[float]] = [[] for _ in range(p)]  # per instruction: the rank's clock after it
+    posts: dict[tuple[int, int], list[float]] = defaultdict(list)  # (src, dst) -> post time per message
+    post_time: list[dict[int, float]] = [dict() for _ in range(p)]  # RECV position -> its post time
+    sent: dict[tuple[int, int], int] = defaultdict(int)  # (src, dst) -> messages sent so far
+    held_sends: list[tuple[int, float, float, list, int]] = []  # released once every post is known
 
-    def mem(r: int, t: float, delta: float, is_stash: bool = False) -> None:
+    def mem(r: int, t: float, delta: float, is_stash: bool = False, k: int | None = None) -> None:
         if delta:
-            mem_deltas[r].append((t, delta))
+            mem_deltas[r].append((t, delta, pcs[r] if k is None else k))
             if is_stash:
                 stash_only[r].append((t, delta))
 
-    def shipped(c: int) -> float:
-        return times.shipped_bytes[c] if times.shipped_bytes else 0.0
-
     def add_buf(r: int, key, t: float, *, local: bool = False) -> None:
-        # a local output's shipped weights are the parameters themselves, not new memory
-        nbytes = times.out_bytes[key[1]] - (shipped(key[1]) if local and key[0] == "fwd" else 0.0)
-        bufs[r][key] = [nbytes, t, local]
+        # a forward's own outputs: only what is not its inputs, stash or parameters is new memory
+        c = key[1]
+        nbytes = times.local_out_bytes[c] if local and key[0] == "fwd" and times.local_out_bytes \
+            else times.out_bytes[c]
+        bufs[r][key] = [nbytes, t, local, []]
         mem(r, t, nbytes)
 
     fresh = {(r, k) for r, ins in enumerate(progs) for k in _fresh_forwards(ins)}
@@ -246,7 +262,11 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
 
     def post_receives(r: int, upto: int, t: float) -> None:
         while posted[r] < min(upto + 1, len(recvs[r])):
-            mem(r, t, times.out_bytes[idx[progs[r][recvs[r][posted[r]]].seg]])
+            k = recvs[r][posted[r]]
+            i = progs[r][k]
+            mem(r, t, times.out_bytes[idx[i.seg]])
+            posts[(i.peer, r)].append(t)
+            post_time[r][k] = t
             posted[r] += 1
 
     def drop_buf(r: int, key, t: float) -> None:
@@ -258,6 +278,9 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
             stash[r][(c, m)] += b[0]  # its autograd graph still holds the output until B
             mem(r, max(t, b[1]), -b[0])
             mem(r, max(t, b[1]), b[0], True)
+            return
+        if b[3]:  # sent: held until the receivers have posted (known once the simulation ends)
+            held_sends.append((r, b[0], max(t, b[1]), b[3], pcs[r]))
             return
         mem(r, max(t, b[1]), -b[0])
 
@@ -280,12 +303,14 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
                     q = queues[(i.peer, r)]
                     if not q:
                         break
-                    key, arrival = q.popleft()
+                    key, arrival, tx, lat, n_msg = q.popleft()
                     if key != (i.value, c, i.mb):
                         raise ScheduleError(f"simulate: rank {r} '{i}' got message {key}; "
                                             "run validate_schedule first")
+                    arrival = max(arrival, post_time[r][pcs[r]] + tx + lat)  # rendezvous
+                    messages[n_msg] = dataclasses.replace(messages[n_msg], arrival=arrival)
                     clock[r] = max(t, arrival)
-                    bufs[r][key] = [times.out_bytes[c], clock[r], False]  # its bytes count from the post
+                    bufs[r][key] = [times.out_bytes[c], clock[r], False, []]  # its bytes count from the post
                 elif i.op == "SEND":
                     nbytes = times.out_bytes[c]
                     bw, lat = link(r, i.peer)
@@ -294,13 +319,15 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
                     tx = nbytes / bw if bw != math.inf else 0.0
                     egress[lane] = start + tx
                     arrival = start + tx + lat
-                    queues[(r, i.peer)].append(((i.value, c, i.mb), arrival))
+                    queues[(r, i.peer)].append(((i.value, c, i.mb), arrival, tx, lat, len(messages)))
                     messages.append(MessageEvent(r, i.peer, t, start, arrival, nbytes, i))
                     b = bufs[r].get((i.value, c, i.mb))
                     if b is not None:
                         b[1] = max(b[1], start + tx)
-                        if not has_frees:
-                            drop_buf(r, (i.value, c, i.mb), t)
+                        b[3].append(((r, i.peer), sent[(r, i.peer)], tx))
+                    sent[(r, i.peer)] += 1
+                    if b is not None and not has_frees:
+                        drop_buf(r, (i.value, c, i.mb), t)
                 elif i.op == "FREE":
                     if i.value == "stash":
                         drop_stash(r, (c, i.mb), t)
@@ -323,27 +350,29 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
                                 local_in = bb[2]
                         # a backward that follows its forward at once has no R: the forward
                         # ran under autograd and keeps what an R would have rebuilt
-                        kept = times.saved_bytes[c] + (times.recompute_bytes[c] if (r, pcs[r]) in fresh else 0.0)
-                        if local_in and times.shipped_saved:  # stashed weights that are the parameters
-                            kept -= times.shipped_saved[c]
+                        kept = times.saved_bytes[c]
+                        if (r, pcs[r]) in fresh:
+                            kept = times.graph_bytes[c] if times.graph_bytes else kept + times.recompute_bytes[c]
+                        if local_in and times.local_alias:  # inputs that are the producer's stash or weights
+                            kept -= times.local_alias[c]
                         stash[r][(c, m)] = kept
                         mem(r, end, kept, True)
                         if c < last:
                             add_buf(r, ("fwd", c, m), end, local=True)
                     elif i.op == "R":  # rebuilds the autograd graph, and the outputs it holds
-                        extra = times.recompute_bytes[c] + times.out_bytes[c]
+                        extra = times.recompute_bytes[c]
                         stash[r][(c, m)] = stash[r].get((c, m), 0.0) + extra
                         mem(r, t, extra, True)
                     elif i.op in ("B", "I"):
                         if c > 0:
                             add_buf(r, ("bwd", c - 1, m), end)
-                        if not has_frees:
-                            if c < last:
-                                drop_buf(r, ("bwd", c, m), end)
-                            if i.op == "B":
-                                drop_stash(r, (c, m), end)
+                        if c < last and (i.op == "B" or not has_frees):
+                            drop_buf(r, ("bwd", c, m), end)
+                        if i.op == "B":
+                            drop_stash(r, (c, m), end)
                     elif i.op == "W" and not has_frees:
                         drop_stash(r, (c, m), end)
+                ends[r].append(clock[r])
                 pcs[r] += 1
                 executed += 1
                 progressed = True
@@ -351,15 +380,19 @@ def simulate_times(schedule: Schedule, times: OpTimes, *,
             stuck = [f"rank {r} at '{progs[r][pcs[r]]}'" for r in range(p) if pcs[r] < len(progs[r])]
             raise ScheduleError("simulate: the schedule deadlocks (" + "; ".join(stuck)
                                 + "); run validate_schedule for the step x rank grid")
+    for r, nbytes, t, sends, k in held_sends:
+        done = max([t] + [posts[pair][n] + tx for pair, n, tx in sends])
+        mem(r, done, -nbytes, k=k)
     T = max(clock) if clock else 0.0
     timelines = []
     peaks_stash = []
     for r in range(p):
-        timelines.append(_cumulate(mem_deltas[r]))
+        timelines.append(_cumulate([(t, d) for t, d, _ in mem_deltas[r]]))
         peaks_stash.append(max((b for _, b in _cumulate(stash_only[r])), default=0.0))
     return SimResult(schedule=schedule, iteration_time=T, busy=busy, events=events,
                      messages=messages, memory_timeline=timelines, peak_stash_bytes=peaks_stash,
-                     tokens_per_iteration=tokens_per_iteration, device_name=device_name)
+                     tokens_per_iteration=tokens_per_iteration, device_name=device_name,
+                     memory_after=[_after_each(mem_deltas[r], ends[r]) for r in range(p)])
 
 
 def _fresh_forwards(ins) -> list[int]:
@@ -378,6 +411,23 @@ def _fresh_forwards(ins) -> list[int]:
 def _same_node_key(link, src: int, dst: int) -> bool:
     key = getattr(link, "same_node", None)
     return bool(key(src, dst)) if key else False
+
+
+def _after_each(deltas: list[tuple[float, float, int]], ends: list[float]) -> list[float]:
+    """Bytes after each instruction k: the changes made by instructions 0..k that have taken
+    effect by its end (a sent buffer's release may come at a later instruction)."""
+    by_instr: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for t, d, k in deltas:
+        by_instr[k].append((t, d))
+    pending: list[tuple[float, float]] = []
+    out, cur = [], 0.0
+    for k, end in enumerate(ends):
+        for td in by_instr.get(k, ()):
+            heapq.heappush(pending, td)
+        while pending and pending[0][0] <= end:
+            cur += heapq.heappop(pending)[1]
+        out.append(cur)
+    return out
 
 
 def _cumulate(deltas: list[tuple[float, float]]) -> list[tuple[float, float]]:

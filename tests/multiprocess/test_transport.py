@@ -400,8 +400,10 @@ def test_message_larger_than_posted_buffer_is_reported_not_hung():
 
 
 def _release_checks(rank: int) -> dict:
-    """A sent tensor is released (its last reference dropped) as soon as its send completes,
-    without drain() or wait_fold(); inflight_send_bytes() counts it until then."""
+    """A send completes once the peer has posted its receive; inflight_send_bytes() counts it
+    until then. The completion thread only marks it done: the calling thread drops the last
+    reference in release_sent() (the executor calls it before every instruction), so the free
+    happens on the thread that allocated, where the profiler sees it."""
     import weakref
 
     t = Transport(timeout=15)
@@ -416,11 +418,13 @@ def _release_checks(rank: int) -> dict:
         ack = t.recv([((1,), torch.int64)], 1, fold=1, tag="ack")
         ack.wait()
         deadline = time.monotonic() + 2.0
-        while (ref() is not None or not h.done()) and time.monotonic() < deadline:
+        while not h.done() and time.monotonic() < deadline:
             time.sleep(0.005)
-        out["released"] = ref() is None
         out["done_after"] = h.done()
         out["inflight_after"] = t.inflight_send_bytes()
+        out["held_after_completion"] = ref() is not None
+        out["released_count"] = t.release_sent()
+        out["released"] = ref() is None
         out["pending_fold0"] = t.pending(0)
         h.wait(timeout=1.0)  # idempotent once done
     else:
@@ -432,12 +436,12 @@ def _release_checks(rank: int) -> dict:
     return out
 
 
-def test_sent_buffers_are_released_when_the_send_completes():
+def test_sent_buffers_are_released_on_the_calling_thread_once_the_send_completes():
     r0, r1 = spawn_ranks(_release_checks, 2, timeout=60)
     assert r1["sum"] == float(1 << 18)
     assert r0["inflight_before"] == 4 << 18 and r0["done_before"] is False, r0
-    assert r0["released"] and r0["done_after"], r0
-    assert r0["inflight_after"] == 0 and r0["pending_fold0"] == 0, r0
+    assert r0["done_after"] and r0["inflight_after"] == 0 and r0["pending_fold0"] == 0, r0
+    assert r0["held_after_completion"] and r0["released_count"] == 1 and r0["released"], r0
 
 
 def _send_to_dead_peer(rank: int) -> dict:

@@ -3,6 +3,8 @@ folds, outputs (PNG timeline, Chrome trace) and device descriptions."""
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 from fractions import Fraction
 
@@ -10,9 +12,10 @@ import pytest
 
 from helix_compiler.cost.devices import PRESETS, DeviceSpec, get_device, load_device_profile
 from helix_compiler.errors import HelixError, ScheduleError
+from helix_compiler.ir.schedule import RECV_LOOKAHEAD
 from helix_compiler.ir.segment import chain_specs
 from helix_compiler.lowering.build import build_schedule
-from helix_compiler.sim import simulate, uniform_chain_costs, unit_device
+from helix_compiler.sim import OpTimes, simulate, simulate_times, uniform_chain_costs, unit_device
 from helix_compiler.sim.costs import op_times
 
 
@@ -114,20 +117,57 @@ def test_helix_beats_1f1b_when_attention_dominates_and_gap_grows_with_s():
     assert ratios[0] < ratios[1] < ratios[2] and ratios[2] > 1.2
 
 
+def _latency_growth(F: int, recv_lookahead: int) -> tuple[float, float]:
+    b = []
+    for delta in (0.0, 1.0):
+        costs = uniform_chain_costs(8, attn_fwd=3, param_fwd=1, out_bytes=1)
+        r = run("helix", 4, 8, 16, F, costs=costs, device=unit_device(latency=delta),
+                recv_lookahead=recv_lookahead)
+        b.append(r.iteration_time - max(r.busy))
+    return b[0], b[1] - b[0]
+
+
 def test_folds_hide_latency():
     """HELIXPIPE.md 2.5 (p=4, L=8, M=16, attention 3, chunk 1): with F=1 every hop's latency is
-    exposed; F=2 overlaps one fold's messages with the other fold's compute."""
+    exposed; F=2 overlaps one fold's messages with the other fold's compute. Sends are
+    rendezvous, so this needs the receives posted ahead, as the reference posts "the next
+    receive" with each send and the runtime posts RECV_LOOKAHEAD receives ahead."""
     grow = {}
     for F in (1, 2):
-        b = []
-        for delta in (0.0, 1.0):
-            costs = uniform_chain_costs(8, attn_fwd=3, param_fwd=1, out_bytes=1)
-            r = run("helix", 4, 8, 16, F, costs=costs, device=unit_device(latency=delta))
-            b.append(r.iteration_time - max(r.busy))
-        grow[F] = b[1] - b[0]
-        assert b[0] == {1: 9, 2: 15}[F]
+        bubble, grow[F] = _latency_growth(F, RECV_LOOKAHEAD)
+        assert bubble == {1: 9, 2: 15}[F]
     assert grow[1] > 100  # ~ one latency per hop on the critical path (2.5 says 128)
     assert grow[2] < grow[1] / 10
+
+
+def test_a_receive_posted_only_when_needed_exposes_the_latency():
+    """The rendezvous: data flows once the receiver has posted, so with no receive posted
+    ahead even F=2 waits a latency per hop."""
+    assert _latency_growth(2, 0)[1] > 10 * _latency_growth(2, 1)[1]
+
+
+def test_a_sent_buffer_is_held_until_the_receiver_posts_its_receive():
+    """gloo and NCCL sends are rendezvous: rank 0 (forwards of 1) keeps each output it sent
+    until rank 1 (forwards of 10 per segment, receives posted only when reached) posts the
+    matching receive, and the data arrives from then on."""
+    specs = chain_specs(2)
+    sched = build_schedule(specs, kind="gpipe", num_stages=2, num_microbatches=4, recompute="full")
+    slow = {i.seg for i in sched.programs[1].instrs if i.op == "F"}
+    times = dataclasses.replace(OpTimes.uniform(len(specs)), out_bytes=(1.0,) * len(specs),
+                                fwd=tuple(10.0 if sp.name in slow else 1.0 for sp in specs))
+
+    def held_at(res, t):  # rank 0's bytes at time t
+        tl = res.memory_timeline[0]
+        return tl[bisect.bisect_right([x for x, _ in tl], t) - 1][1]
+
+    late = simulate_times(sched, times, recv_lookahead=0)
+    # m0 was posted at 0; m_k (k > 0) once rank 1 is done with m_(k-1): 3 + 30 k
+    assert [m.arrival for m in late.messages if m.src == 0] == [3.0, 33.0, 63.0, 93.0]
+    assert held_at(late, 11.5) == 2  # m1 and m2 sent (at 6 and 9), not yet received
+    assert [len(m) for m in late.memory_after] == [len(p.instrs) for p in late.schedule.programs]
+    early = simulate_times(sched, times, recv_lookahead=8)  # everything posted at the start
+    assert [m.arrival for m in early.messages if m.src == 0] == [3.0, 6.0, 9.0, 12.0]
+    assert held_at(early, 11.5) == 0
 
 
 def test_moving_a_heavy_head_off_stage0_helps():

@@ -163,3 +163,72 @@ def test_param_bytes_are_owned_once(name, seq_len):
     for seg in program.segments:
         if seg.spec.kind == "attn":
             assert int(seg.cost.param_bytes) == 0
+
+
+def _storages(ts, exclude) -> dict[int, int]:
+    """Floating storages of ``ts`` (tensors), by data pointer, less ``exclude``'s."""
+    out = {}
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in exclude:
+                out[ptr] = t.untyped_storage().nbytes()
+    return out
+
+
+def _measure_runtime(run_gm, seg, rule, b, s, user_params):
+    """What the executor holds for one micro batch of ``seg`` under ``rule`` (its forward as
+    ``Executor._forward`` runs it, its R as ``_recompute`` does): the stash, the outputs' new
+    storages, what the R adds."""
+    from helix_compiler.ir.recompute import part_rule
+    from helix_compiler.kernels import attention_replay
+
+    chain, user = segment_args(seg, b, s, seed=11, requires_grad=False)
+    exclude = {p.untyped_storage().data_ptr() for p in user_params} | {u.untyped_storage().data_ptr() for u in user}
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in chain]
+    part = part_rule(rule.part)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    cache: list = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(part.forward_grad), \
+            attention_replay.mode(part.forward_attention, cache):
+        outs = run_gm(*leaves, *user)
+    held = _storages([*leaves, *(x for pair in cache for x in pair), *(saved if part.forward_grad else ())], exclude)
+    out_new = _storages([o for o in outs if not any(o is p for p in user_params)], exclude | set(held))
+    rerun = {}
+    if rule.recomputes:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), \
+                attention_replay.mode(part.recompute_attention, cache):
+            outs2 = run_gm(*leaves, *user)
+        rerun = _storages([*saved, *outs2], exclude | set(held))
+    return sum(held.values()), sum(out_new.values()), sum(rerun.values())
+
+
+@pytest.mark.parametrize("name, seq_len", PROGRAMS, ids=_ids(PROGRAMS))
+def test_runtime_bytes_match_what_the_executor_holds(name, seq_len):
+    """held / out_new / rerun bytes (what the simulator charges the runtime) vs the storages the
+    executor's forward and recompute really keep, counted by storage, for every policy whose
+    runtime is the one counted (selective on attention is the table's known mismatch)."""
+    from helix_compiler.ir.recompute import KNOWN_MISMATCHES, policy_for
+    from helix_compiler.lowering.stage_program import lower_program
+
+    model, _, program = compiled(name, seq_len)
+    user_params = list(model.parameters())
+    run = {n: st.segments[n].gm for st in lower_program(program) for n in st.segments}
+    for b, s in [(1, 64), (2, 128)]:
+        for seg in program.segments:
+            for policy in POLICIES:
+                if (policy, seg.spec.kind) in KNOWN_MISMATCHES:
+                    continue
+                rule = policy_for(policy, seg.spec.kind)
+                held, out_new, rerun = _measure_runtime(run[seg.name], seg, rule, b, s, user_params)
+                c = seg.cost
+                where = f"{seg.name} {policy} at b={b}, s={s}"
+                assert at(c.held_bytes[policy], b, s) == held, where
+                assert at(c.out_new_bytes[policy], b, s) == out_new, where
+                assert at(c.rerun_bytes[policy], b, s) == rerun, where

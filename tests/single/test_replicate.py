@@ -161,3 +161,26 @@ def test_meta_model_is_replicated():
     cap = capture(model, seq_len=64)
     assert cap.layer_replication["replicated"] is True
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_modules_held_outside_submodules_compare_by_their_state():
+    """transformers >= 5.2x keeps a per-layer dict of stateless kernel modules
+    (``self_attn._kernel_funcs``): one instance per layer, equal by state, not by identity."""
+    from helix_compiler.capture.uniform import compare_states
+
+    class Kernel(torch.nn.Module):
+        def __init__(self, scale: float):
+            super().__init__()
+            self.scale = scale
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.__dict__["_kernel_funcs"] = {"rope": Kernel(1.0)}  # not a registered submodule
+
+    layers = torch.nn.ModuleList(Block() for _ in range(4))
+    assert compare_states(layers, "layers")[0] is None
+    layers[3].__dict__["_kernel_funcs"]["rope"].scale = 2.0
+    reason = compare_states(layers, "layers")[0]
+    assert reason is not None and reason.startswith("block 3's layers.3._kernel_funcs"), reason
