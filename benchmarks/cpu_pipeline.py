@@ -728,8 +728,8 @@ def report(res: list[dict], a: dict, cmd: str, elapsed: float, load0, load1, git
         parts.append(f"at M={M} `{best}` takes {S['med'][best] / S['med'][REF]:.2f}x torch Schedule1F1B's step "
                      f"(efficiency {S['t_single'] / (P * S['med'][best]):.2f}); its busiest rank computes "
                      f"{100 * fb['overlap']:.0f}% of the step vs {100 * ft['overlap']:.0f}% for torch 1F1B (bound "
-                     f"{100 * M / (M + 1):.0f}%), but both ranks together compute {100 * (hb / tb - 1):.0f}% longer "
-                     f"than torch's stages")
+                     f"{100 * M / (M + 1):.0f}%); both ranks together compute {abs(100 * (hb / tb - 1)):.0f}% "
+                     f"{'longer' if hb >= tb else 'less'} than torch's stages")
     S = summary[Ms[-1]]
     bytes_ratio = (statistics.median([d.get("sent_mib", 0) for d in S["runs0"][S["best"]]["detail"]])
                    / max(statistics.median([d.get("sent_mib", 0) for d in S["runs0"][REF]["detail"]]), 1e-9))

@@ -10,7 +10,7 @@ inputs for the previous segment: a local hand-over and a network hop look the sa
 
 Memory is what the schedule says: a buffer lives from the instruction that makes it to its
 FREE; a sent buffer stays referenced by the transport until its send has completed (the peer
-has posted the receive) and is released at the next instruction after that.
+has posted the receive) and is released at the end of the instruction during which it did.
 Randomness: a segment with random ops (dropout) records the RNG state of its forward and
 restores it for every rerun (recompute, the head's loss preview), as
 ``torch.utils.checkpoint`` does, so the gradient is that of the returned loss.
@@ -145,7 +145,6 @@ class Executor:
         release_sent = self.transport.release_sent
         for k in range(start, stop):
             instr = instrs[k]
-            release_sent()  # the sends completed so far give their buffers back here, on this thread
             t0 = time.perf_counter()
             try:
                 with torch.profiler.record_function(str(instr)), \
@@ -154,6 +153,9 @@ class Executor:
                         self._receive(k, instr)
                     else:
                         self.dispatch[instr.op](instr)
+                    # sends completed by now give their buffers back here, on this thread, so the
+                    # memory after an instruction is what the simulator's memory_after says
+                    release_sent()
             except Exception as e:
                 where = f"instruction {k} '{instr}' (segment {instr.seg}, micro batch {instr.mb})"
                 raise RuntimeFailure(f"rank {self.rank} failed at {where}: {type(e).__name__}: {e}",

@@ -7,7 +7,7 @@ always ranks *of that group*):
   completion thread per peer waits for that peer's sends in posting order (gloo p2p works
   report completion only through ``wait()``, which releases the GIL) and marks each one done;
   the calling thread drops the transport's references to completed sends' tensors in
-  ``release_sent()`` (the executor calls it before every instruction), so every free happens
+  ``release_sent()`` (the executor calls it at the end of every instruction), so every free happens
   on the thread that allocated, where torch's profiler sees it, at a point of the program.
   A send completes only once the peer has posted the matching receive (gloo and NCCL
   point-to-point are rendezvous: a 1 KB gloo ``isend`` to a peer that posts 1 s later

@@ -402,7 +402,7 @@ def test_message_larger_than_posted_buffer_is_reported_not_hung():
 def _release_checks(rank: int) -> dict:
     """A send completes once the peer has posted its receive; inflight_send_bytes() counts it
     until then. The completion thread only marks it done: the calling thread drops the last
-    reference in release_sent() (the executor calls it before every instruction), so the free
+    reference in release_sent() (the executor calls it at the end of every instruction), so the free
     happens on the thread that allocated, where the profiler sees it."""
     import weakref
 
