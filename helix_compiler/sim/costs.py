@@ -155,8 +155,8 @@ def op_times(costs: Sequence[SegmentCost], device: DeviceSpec, *, micro_batch_si
             fields["graph_bytes"].append(num(c.held_bytes["none"]))
             fields["recompute_bytes"].append(num(c.rerun_bytes[recompute]))
             fields["local_out_bytes"].append(num(c.out_new_bytes[recompute]))
-            prev = k - 1
-            fields["local_alias"].append(fields["out_bytes"][prev] - fields["local_out_bytes"][prev] if k else 0.0)
+            # a local input that is not new memory on the producer is the producer's stash or weights
+            fields["local_alias"].append(fields["out_bytes"][k - 1] - fields["local_out_bytes"][k - 1] if k else 0.0)
             continue
         saved = num(c.saved_bytes[recompute])
         full = num(c.saved_bytes.get("none", c.saved_bytes[recompute]))
